@@ -1,0 +1,335 @@
+"""Method ``gptq``: Hessian-based one-shot post-training quantization (Frantar et al., 2022).
+
+Quantized layers are :class:`GPTQLinear` modules that hold exactly the checkpoint layout GPTQ tools
+share (``qweight``, ``qzeros``, ``scales``, ``g_idx``, optional ``bias``); they run the fused Triton
+dequantize-matmul on CUDA and the torch reference on CPU. :func:`save_gptq_checkpoint` and
+:func:`load_gptq_checkpoint` write and read GPTQModel/AutoGPTQ-style checkpoint directories
+(``model.safetensors`` + ``config.json`` with ``quantization_config`` + ``quantize_config.json``).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from qbench.kernels._triton import use_triton_in_module
+from qbench.kernels.gptq_matmul import gptq_matmul, gptq_matmul_reference
+from qbench.kernels.gptq_pack import (CHECKPOINT_FORMATS, SUPPORTED_BITS, dequantize_gptq, pack_gptq, pack_qzeros,
+                               packed_rows, unpack_qzeros)
+from qbench.plugins.gptq_algorithm import LayerQuantization, gptq_quantize_blocks
+from qbench import hookimpl
+from qbench.method import Method, QuantizedLinear, quantizable_linears, quantized_modules, set_submodule
+from qbench.params import Param, QBenchError
+
+GROUP_SIZES = (-1, 32, 64, 128)
+
+
+class GPTQLinear(QuantizedLinear):
+    """A linear layer stored in the GPTQ checkpoint layout (see :mod:`kernels.gptq_pack`)."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, sym: bool,
+                 desc_act: bool, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                 g_idx: torch.Tensor, bias: torch.Tensor | None = None, checkpoint_format: str = "gptq"):
+        super().__init__()
+        if bits not in SUPPORTED_BITS:
+            raise QBenchError(f"GPTQLinear: bits={bits} is not supported; valid values: 2, 3, 4, 8")
+        if checkpoint_format not in CHECKPOINT_FORMATS:
+            raise QBenchError(f"GPTQLinear: checkpoint_format={checkpoint_format!r}; valid values: gptq, gptq_v2")
+        groups = scales.shape[0]
+        expected = {
+            "qweight": (packed_rows(in_features, bits), out_features),
+            "qzeros": (groups, packed_rows(out_features, bits)),
+            "scales": (groups, out_features),
+            "g_idx": (in_features,),
+        }
+        for key, tensor in (("qweight", qweight), ("qzeros", qzeros), ("scales", scales), ("g_idx", g_idx)):
+            if tuple(tensor.shape) != expected[key]:
+                raise QBenchError(f"GPTQLinear {in_features}->{out_features}, {bits} bits: {key} has shape "
+                                  f"{tuple(tensor.shape)}, expected {expected[key]}")
+        if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
+            raise QBenchError(f"GPTQLinear: g_idx values must lie in [0, {groups - 1}]")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bits = bits
+        self.group_size = group_size
+        self.sym = sym
+        self.desc_act = desc_act
+        self.checkpoint_format = checkpoint_format
+        self.register_buffer("qweight", qweight.to(torch.int32).contiguous())
+        self.register_buffer("qzeros", qzeros.to(torch.int32).contiguous())
+        self.register_buffer("scales", scales.to(torch.float16).contiguous())
+        self.register_buffer("g_idx", g_idx.to(torch.int32).contiguous())
+        if bias is not None:
+            self.register_buffer("bias", bias.detach().clone())
+        else:
+            self.bias = None
+
+    @property
+    def zero_offset(self) -> int:
+        return CHECKPOINT_FORMATS[self.checkpoint_format]
+
+    @classmethod
+    def from_quantization(cls, linear: nn.Linear, result: LayerQuantization, bits: int, group_size: int,
+                          sym: bool, desc_act: bool) -> "GPTQLinear":
+        # v1 ("gptq") stores zero-1; a zero of 0 (asymmetric, all-positive group) needs gptq_v2
+        checkpoint_format = "gptq" if bool((result.zeros >= 1).all()) else "gptq_v2"
+        packed = pack_gptq(result.codes.t(), result.scales, result.zeros, result.g_idx, bits, checkpoint_format)
+        bias = linear.bias.detach() if linear.bias is not None else None
+        return cls(linear.in_features, linear.out_features, bits, group_size, sym, desc_act,
+                   bias=bias, checkpoint_format=checkpoint_format, **packed)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The weight as an fp32 ``[out, in]`` matrix (what the matmul computes with)."""
+        return dequantize_gptq(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.zero_offset).t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        args = (x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.bias, self.zero_offset)
+        if use_triton_in_module(x):
+            self.kernel_path = "triton"
+            return gptq_matmul(*args)
+        self.kernel_path = "reference"
+        return gptq_matmul_reference(*args)
+
+    def stored_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {"qweight": self.qweight, "qzeros": self.qzeros, "scales": self.scales, "g_idx": self.g_idx}
+        if self.bias is not None:
+            tensors["bias"] = self.bias
+        return tensors
+
+    def config(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features, "bits": self.bits,
+                "group_size": self.group_size, "sym": self.sym, "desc_act": self.desc_act,
+                "checkpoint_format": self.checkpoint_format}
+
+    @classmethod
+    def from_stored(cls, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> "GPTQLinear":
+        return cls(config["in_features"], config["out_features"], config["bits"], config["group_size"],
+                   config["sym"], config["desc_act"], tensors["qweight"], tensors["qzeros"], tensors["scales"],
+                   tensors["g_idx"], tensors.get("bias"), config.get("checkpoint_format", "gptq"))
+
+    def to_v2(self) -> "GPTQLinear":
+        """The same layer with zeros stored as themselves (gptq_v2); exact unless a v1 zero is 2**bits."""
+        if self.checkpoint_format == "gptq_v2":
+            return self
+        zeros = unpack_qzeros(self.qzeros, self.bits, self.out_features, 1)
+        if bool((zeros > 2**self.bits - 1).any()):
+            raise QBenchError("gptq checkpoint: a v1 zero point of 2**bits cannot be written in the gptq_v2 format")
+        qzeros = pack_qzeros(zeros, self.bits, 0)
+        return GPTQLinear(self.in_features, self.out_features, self.bits, self.group_size, self.sym, self.desc_act,
+                          self.qweight, qzeros, self.scales, self.g_idx, self.bias, "gptq_v2")
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, bits={self.bits}, group_size={self.group_size}, sym={self.sym}, "
+                f"desc_act={self.desc_act}, format={self.checkpoint_format}")
+
+
+def _positive(value) -> str | None:
+    return None if value > 0 else "must be > 0"
+
+
+class GPTQ(Method):
+    name = "gptq"
+    description = ("GPTQ one-shot post-training quantization: Hessian-based error feedback on the min-max grid, "
+                   "packed GPTQ checkpoint layout, fused Triton dequantize-matmul")
+    needs_calibration = True
+    params = {
+        "bits": Param(int, 4, "bits per weight", choices=SUPPORTED_BITS),
+        "group_size": Param(int, 128, "input columns sharing a scale/zero (-1: one group per row)",
+                            choices=GROUP_SIZES),
+        "sym": Param(bool, True, "symmetric grid (zero point fixed at 2**(bits-1)), as GPTQModel's default"),
+        "act_order": Param(bool, False, "quantize columns by descending Hessian diagonal (desc_act)"),
+        "static_groups": Param(bool, False, "with act_order: group parameters fixed up front in column order"),
+        "true_sequential": Param(bool, True, "inside a block, quantize q/k/v, o, gate/up, down in turn"),
+        "percdamp": Param(float, 0.01, "dampening, as a fraction of the mean Hessian diagonal",
+                          check=lambda v: None if 0 <= v < 10 else "must be in [0, 10)"),
+        "blocksize": Param(int, 128, "columns per lazy batch update", check=_positive),
+        "nsamples": Param(int, 128, "calibration windows", check=_positive),
+        "seqlen": Param(int, 2048, "tokens per calibration window (capped at the model's maximum length)",
+                        check=_positive),
+        "seed": Param(int, 0, "seed of the calibration windows"),
+    }
+
+    def __init__(self, **params: Any):
+        super().__init__(**params)
+        self.report: dict[str, Any] = {}
+
+    def settings(self) -> dict[str, Any]:
+        keys = ("bits", "group_size", "sym", "act_order", "static_groups", "true_sequential", "percdamp", "blocksize")
+        return {k: self.values[k] for k in keys}
+
+    def quantize(self, model: nn.Module, calibration=None) -> nn.Module:
+        if calibration is None:
+            raise QBenchError("method gptq needs calibration data (nsamples windows of seqlen tokens); none was given")
+        values = self.values
+        max_len = getattr(getattr(model, "config", None), "max_position_embeddings", None) or values["seqlen"]
+        seqlen = min(values["seqlen"], int(max_len))
+        tokens = calibration.sample(values["nsamples"], seqlen, values["seed"])
+        tokens = torch.as_tensor(tokens, dtype=torch.long)
+        if tokens.dim() != 2 or tokens.shape[0] == 0 or tokens.shape[1] == 0:
+            raise QBenchError(f"gptq: calibration returned tokens of shape {tuple(tokens.shape)}; "
+                              "expected [nsamples, seqlen]")
+        settings = self.settings()
+        wanted = {name for name, _ in quantizable_linears(model)}
+
+        def make(name: str, linear: nn.Linear, result: LayerQuantization) -> GPTQLinear:
+            return GPTQLinear.from_quantization(linear, result, settings["bits"], settings["group_size"],
+                                                settings["sym"], settings["act_order"])
+
+        started = time.perf_counter()
+        run = gptq_quantize_blocks(model, tokens, settings, make, wanted=wanted)
+        missing = [name for name, _ in quantizable_linears(model)]
+        if missing:  # linears outside the decoder blocks the algorithm walks (unusual architectures)
+            raise QBenchError(f"gptq: {len(missing)} linears were not reached by calibration, e.g. {missing[0]}")
+        losses = {name: stats["loss"] for name, stats in run["layers"].items()}
+        self.report = {
+            "settings": settings,
+            "calibration": {"nsamples": int(tokens.shape[0]), "seqlen": int(tokens.shape[1]), "seed": values["seed"]},
+            "quantize_seconds": round(time.perf_counter() - started, 2),
+            "capture_seconds": run["capture_seconds"],
+            "damp_retries": run["damp_retries"],
+            "layers_with_retries": [n for n, s in run["layers"].items() if s["damp_retries"]],
+            "total_loss": float(sum(losses.values())),
+            "layers": run["layers"],
+        }
+        return model
+
+
+# --- checkpoint interop ------------------------------------------------------------------------------
+
+def _quantization_config(modules: list[GPTQLinear], checkpoint_format: str,
+                         extra: dict[str, Any] | None) -> dict[str, Any]:
+    first = modules[0]
+    for module in modules:
+        if (module.bits, module.group_size, module.sym, module.desc_act) != \
+                (first.bits, first.group_size, first.sym, first.desc_act):
+            raise QBenchError("gptq checkpoint: all layers must share bits, group_size, sym and desc_act")
+    config = {"quant_method": "gptq", "bits": first.bits, "group_size": first.group_size, "sym": first.sym,
+              "desc_act": first.desc_act, "checkpoint_format": checkpoint_format, "lm_head": False}
+    if extra:
+        config.update(extra)
+    return config
+
+
+def save_gptq_checkpoint(model: nn.Module, directory: str | Path, extra_config: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` (with :class:`GPTQLinear` layers) as a GPTQ checkpoint directory.
+
+    ``model.safetensors`` holds ``<layer>.qweight/.qzeros/.scales/.g_idx`` plus every other weight;
+    ``config.json`` carries ``quantization_config`` and ``quantize_config.json`` repeats it. The
+    format is "gptq" (v1, zeros stored minus one) unless a layer needs "gptq_v2" (a zero of 0).
+    """
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    modules = [m for _, m in quantized_modules(model) if isinstance(m, GPTQLinear)]
+    if not modules:
+        raise QBenchError("gptq checkpoint: the model has no GPTQLinear layers; quantize it with method gptq first")
+    checkpoint_format = "gptq" if all(m.checkpoint_format == "gptq" for m in modules) else "gptq_v2"
+    if checkpoint_format == "gptq_v2":
+        for name, module in list(quantized_modules(model)):
+            if isinstance(module, GPTQLinear) and module.checkpoint_format != "gptq_v2":
+                set_submodule(model, name, module.to_v2())
+        modules = [m for _, m in quantized_modules(model) if isinstance(m, GPTQLinear)]
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int]] = set()
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if key in seen:  # tied weights (lm_head = embeddings) are written once, as HF does
+            continue
+        seen.add(key)
+        tensors[name] = tensor.detach().contiguous().cpu()
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    quant_config = _quantization_config(modules, checkpoint_format, extra_config)
+    model_config = model.config.to_dict() if hasattr(model, "config") else {}
+    model_config["quantization_config"] = quant_config
+    (directory / "config.json").write_text(json.dumps(model_config, indent=2, default=str))
+    (directory / "quantize_config.json").write_text(json.dumps(quant_config, indent=2))
+    return directory
+
+
+def read_quantization_config(directory: str | Path) -> dict[str, Any]:
+    directory = Path(directory)
+    config: dict[str, Any] = {}
+    if (directory / "config.json").exists():
+        config = json.loads((directory / "config.json").read_text()).get("quantization_config") or {}
+    if not config and (directory / "quantize_config.json").exists():
+        config = json.loads((directory / "quantize_config.json").read_text())
+    if not config:
+        raise QBenchError(f"gptq checkpoint {directory}: no quantization_config in config.json and no quantize_config.json")
+    method = str(config.get("quant_method", "gptq")).lower()
+    fmt = str(config.get("checkpoint_format", config.get("format", "gptq"))).lower()
+    if method != "gptq" or fmt not in CHECKPOINT_FORMATS:
+        raise QBenchError(f"gptq checkpoint {directory}: quant_method={method}, checkpoint_format={fmt}; "
+                          "only gptq with checkpoint_format gptq or gptq_v2 can be loaded")
+    bits = int(config["bits"])
+    if bits not in SUPPORTED_BITS:
+        raise QBenchError(f"gptq checkpoint {directory}: bits={bits}; valid values: 2, 3, 4, 8")
+    return {"bits": bits, "group_size": int(config.get("group_size", -1)), "sym": bool(config.get("sym", True)),
+            "desc_act": bool(config.get("desc_act", False)), "checkpoint_format": fmt}
+
+
+def gptq_linears_from_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], quant: dict[str, Any]) -> list[str]:
+    """Replace each quantizable linear of ``model`` that has ``<name>.qweight`` in ``tensors``; pops
+    the tensors it uses. Returns the replaced names."""
+    replaced = []
+    for name, linear in list(quantizable_linears(model)):
+        if f"{name}.qweight" not in tensors:
+            continue
+        parts = {key: tensors.pop(f"{name}.{key}") for key in ("qweight", "qzeros", "scales", "g_idx")
+                 if f"{name}.{key}" in tensors}
+        if len(parts) != 4:
+            raise QBenchError(f"gptq checkpoint: {name} lacks one of qweight, qzeros, scales, g_idx")
+        bias = tensors.pop(f"{name}.bias", None)
+        module = GPTQLinear(linear.in_features, linear.out_features, quant["bits"], quant["group_size"],
+                            quant["sym"], quant["desc_act"], parts["qweight"], parts["qzeros"], parts["scales"],
+                            parts["g_idx"], bias.to(linear.weight.dtype) if bias is not None else None,
+                            quant["checkpoint_format"])
+        set_submodule(model, name, module)
+        replaced.append(name)
+    return replaced
+
+
+def load_gptq_checkpoint(directory: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Build the model in ``directory`` (config.json) with :class:`GPTQLinear` layers from its safetensors."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    directory = Path(directory)
+    quant = read_quantization_config(directory)
+    config_dict = json.loads((directory / "config.json").read_text())
+    config_dict.pop("quantization_config", None)
+    model_type = config_dict.pop("model_type", None)
+    if model_type is None:
+        raise QBenchError(f"gptq checkpoint {directory}: config.json has no model_type")
+    config = AutoConfig.for_model(model_type, **config_dict)
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise QBenchError(f"gptq checkpoint {directory}: no .safetensors files")
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        tensors.update(load_file(str(file)))
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval()
+    replaced = gptq_linears_from_tensors(model, tensors, quant)
+    if not replaced:
+        raise QBenchError(f"gptq checkpoint {directory}: no <layer>.qweight tensor matches the model's linears")
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    prefixes = tuple(f"{name}." for name in replaced)  # their buffers were set from the checkpoint above
+    missing = [k for k in missing if not k.startswith(prefixes)
+               and not (k == "lm_head.weight" and getattr(config, "tie_word_embeddings", False))]
+    if missing or unexpected:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise QBenchError(f"gptq checkpoint {directory}: tensors do not match the model ({detail})")
+    if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return model
+
+
+@hookimpl
+def register_methods(register):
+    register(GPTQ)
