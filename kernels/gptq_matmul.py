@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels._triton import HAS_TRITON, INTERPRET, UPCAST_BF16, cdiv, triton_can_run
-from kernels.gptq_pack import check_bits, dequantize_gptq, packed_rows
+from qbench.kernels._triton import HAS_TRITON, INTERPRET, UPCAST_BF16, cdiv, triton_can_run
+from qbench.kernels.gptq_pack import check_bits, dequantize_gptq, packed_rows
 from qbench.params import QBenchError
 
 if HAS_TRITON:
