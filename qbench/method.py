@@ -33,6 +33,8 @@ class Method:
 
     def __init__(self, **params: Any):
         self.values = validate_params(f"method {self.name}", self.params, params)
+        # Anything the method wants in the record (damping retries, compute dtype, timings...).
+        self.report: dict[str, Any] = {}
         problem = self.check(self.values)
         if problem:
             raise QBenchError(f"method {self.name}: {problem}")
@@ -44,6 +46,14 @@ class Method:
     @property
     def label(self) -> str:
         return label(self.name, self.values, self.params)
+
+    @property
+    def nominal_bits(self) -> int | None:
+        """Bits of the code itself (4 for nf4, 8 for int8...), for the seeds' bytes-per-parameter table."""
+        for key in ("bits",):
+            if key in self.values:
+                return int(self.values[key])
+        return None
 
     def quantize(self, model: nn.Module, calibration=None) -> nn.Module:
         raise NotImplementedError

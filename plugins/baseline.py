@@ -1,0 +1,93 @@
+"""Unquantized baselines: ``fp16``, ``bf16`` and ``fp32``.
+
+Every decoder linear is held in the method's dtype. On a GPU the model computes in that dtype.
+On CPU, where half-precision matmul is slow (fp16) or emulated, the weights are still *stored*
+in half precision (that is what the memory suite counts) and converted to the compute dtype
+(fp32) per call — the record says which dtype was computed in.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qbench import hookimpl
+from qbench.method import Method, QuantizedLinear, replace_linears
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+class FloatLinear(QuantizedLinear):
+    """A linear layer whose weight is stored in ``weight.dtype`` and computed in the input's dtype."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.kernel_path = "torch"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype), bias)
+
+    def stored_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {"weight": self.weight.data}
+        if self.bias is not None:
+            tensors["bias"] = self.bias.data
+        return tensors
+
+    def config(self) -> dict[str, Any]:
+        return {"dtype": str(self.weight.dtype).removeprefix("torch.")}
+
+    @classmethod
+    def from_stored(cls, tensors, config):
+        return cls(tensors["weight"], tensors.get("bias"))
+
+
+class _FloatBaseline(Method):
+    cacheable = False  # a dtype cast is cheaper than a disk round trip
+
+    def quantize(self, model: nn.Module, calibration=None) -> nn.Module:
+        dtype = DTYPES[self.name]
+        device = next(model.parameters()).device
+        if device.type == "cuda":
+            model = model.to(dtype)  # native half precision end to end
+        compute = next(model.parameters()).dtype
+
+        def make(name, linear):
+            bias = None if linear.bias is None else linear.bias.data.to(dtype)
+            return FloatLinear(linear.weight.data.to(dtype), bias)
+
+        replace_linears(model, make)
+        self.report = {"storage_dtype": str(dtype).removeprefix("torch."),
+                       "compute_dtype": str(compute).removeprefix("torch.")}
+        return model
+
+    @property
+    def nominal_bits(self) -> int:
+        return torch.finfo(DTYPES[self.name]).bits
+
+
+class FP16(_FloatBaseline):
+    name = "fp16"
+    description = "Unquantized baseline, weights in float16"
+
+
+class BF16(_FloatBaseline):
+    name = "bf16"
+    description = "Unquantized baseline, weights in bfloat16"
+
+
+class FP32(_FloatBaseline):
+    name = "fp32"
+    description = "Unquantized baseline, weights in float32"
+
+
+@hookimpl
+def register_methods(register):
+    register(FP16)
+    register(BF16)
+    register(FP32)

@@ -1,0 +1,193 @@
+"""The ``qbench`` command line. User errors print one line and exit 2; failed cells exit 1."""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from qbench.params import QBenchError, parse_specs
+
+
+def user_errors(fn):
+    """Turn QBenchError (and unexpected errors) into one line on stderr and a non-zero exit."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except QBenchError as exc:
+            click.echo(f"qbench: error: {exc}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("qbench: interrupted; rerun the same command to finish the remaining cells", err=True)
+            sys.exit(130)
+        except Exception as exc:
+            if os.environ.get("QBENCH_DEBUG"):
+                raise
+            click.echo(f"qbench: internal error: {type(exc).__name__}: {exc} (set QBENCH_DEBUG=1 for the traceback)", err=True)
+            sys.exit(3)
+
+    return wrapper
+
+
+@click.group()
+@click.version_option(package_name="qbench-quant")
+def main():
+    """qbench: compare LLM quantization methods on equal terms."""
+
+
+def _params_table(cls) -> str:
+    return ", ".join(f"{k}={v.default}" for k, v in cls.params.items())
+
+
+@main.command()
+@user_errors
+def methods():
+    """List the quantization methods and their parameters (defaults shown)."""
+    from qbench import host
+
+    owners = host.provided_by("methods")
+    for name, cls in sorted(host.methods().items()):
+        click.echo(f"{name:<16} {cls.description}  [{owners.get(name)}]")
+        if cls.params:
+            click.echo(f"{'':<16} params: {_params_table(cls)}")
+
+
+@main.command()
+@user_errors
+def suites():
+    """List the measurement suites and their parameters (defaults shown)."""
+    from qbench import host
+
+    owners = host.provided_by("suites")
+    for name, cls in sorted(host.suites().items()):
+        click.echo(f"{name:<16} {cls.description}  [{owners.get(name)}]")
+        if cls.params:
+            click.echo(f"{'':<16} params: {_params_table(cls)}")
+
+
+@main.command("plugins")
+@user_errors
+def plugins_cmd():
+    """List loaded plugins, and the ones that failed to load with their error."""
+    from qbench import host
+
+    for row in host.plugin_status():
+        line = f"{row['status']:<7} {row['name']:<32} {row['source']}"
+        if row["error"]:
+            line += f"  error: {row['error']}"
+        click.echo(line)
+
+
+@main.command()
+@click.option("--device", default="cpu", show_default=True)
+@user_errors
+def env(device):
+    """Print the environment a record would carry (versions, git commit, device)."""
+    from qbench.records import environment
+
+    click.echo(json.dumps(environment(device), indent=1))
+
+
+def _split(values) -> list[str]:
+    return [p.strip() for v in values for p in v.split(",") if p.strip()]
+
+
+def _limit(value: str | None, device: str) -> tuple[int | None, list[str]]:
+    from qbench.runner import DEFAULT_CPU_LIMIT
+
+    if value is None:
+        if device == "cpu":
+            return DEFAULT_CPU_LIMIT, [f"CPU default: perplexity over the first {DEFAULT_CPU_LIMIT} windows; "
+                                       f"--limit all evaluates the full split"]
+        return None, []
+    if value.lower() in ("all", "none", "0"):
+        return None, []
+    try:
+        n = int(value)
+    except ValueError:
+        raise QBenchError(f"--limit {value!r} must be a number of windows or 'all'") from None
+    if n < 0:
+        raise QBenchError(f"--limit {value!r} must be positive (or 'all')")
+    return n, []
+
+
+@main.command()
+@click.option("--methods", "methods_", multiple=True, help="e.g. fp16,nf4:blocksize=128,double_quant=false,gptq:bits=3")
+@click.option("--models", multiple=True, help="smollm2-135m (default), tiny-llama, a model directory or hub id")
+@click.option("--suites", "suites_", multiple=True, help="e.g. memory,latency,perplexity:seqlen=512")
+@click.option("--dataset", default="wikitext2", show_default=True, help="wikitext2, c4, or a .txt/.jsonl file")
+@click.option("--data-dir", default=None, help="folder laid out like shared/data (else $QBENCH_DATA_DIR, else the hub)")
+@click.option("--calibration", default="c4", show_default=True, help="dataset for calibrating methods (GPTQ, static INT8)")
+@click.option("--out", default=None, help="run directory (default: results/runs/run-<hash of the options>)")
+@click.option("--limit", default=None, help="perplexity windows (default on CPU: 4; 'all' for the full split)")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--dtype", default="auto", show_default=True, help="compute dtype: auto (fp16 on GPU, fp32 on CPU), float32, float16, bfloat16")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--executor", default="local", show_default=True)
+@click.option("--threads", default=None, type=int, help="torch threads per cell")
+@click.option("--trust-remote-code", is_flag=True, help="allow a hub model's own code to run")
+@click.option("--no-cache", is_flag=True, help="quantize again instead of using the quantized-model cache")
+@user_errors
+def run(methods_, models, suites_, dataset, data_dir, calibration, out, limit, device, dtype, seed, executor,
+        threads, trust_remote_code, no_cache):
+    """Run the comparison matrix (methods × models × suites) and append records to OUT/records.jsonl."""
+    from qbench.models import DEMO_MODEL
+    from qbench.runner import DEFAULT_METHODS, DEFAULT_SUITES, RunConfig, execute
+
+    method_specs = parse_specs(list(methods_) or [DEFAULT_METHODS])
+    suite_specs = parse_specs(list(suites_) or [DEFAULT_SUITES])
+    model_names = _split(models) or [DEMO_MODEL]
+    n_limit, notes = _limit(limit, device)
+    if out is None:
+        key = json.dumps([sorted(map(str, method_specs)), model_names, sorted(map(str, suite_specs)), dataset,
+                          n_limit, device, dtype, seed, calibration])
+        out = f"results/runs/run-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+    config = RunConfig(methods=method_specs, models=model_names, suites=suite_specs, dataset=dataset,
+                       data_dir=data_dir, out=Path(out), limit=n_limit, device=device, dtype=dtype, seed=seed,
+                       calibration=calibration, executor=executor, trust_remote_code=trust_remote_code,
+                       use_cache=not no_cache, threads=threads, notes=notes)
+    click.echo(f"qbench: run directory {out}")
+    for note in notes:
+        click.echo(f"qbench: {note}")
+    summary = execute(config, argv=["qbench", "run", *sys.argv[2:]])
+    click.echo(f"qbench: {summary['ran']} cells run, {summary['already_done']} already recorded; "
+               f"records in {summary['records']}; leaderboard: qbench report {out}")
+    if summary["failed"]:
+        click.echo(f"qbench: {len(summary['failed'])} cell(s) failed:", err=True)
+        for label in summary["failed"]:
+            click.echo(f"  {label}", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("run_dir")
+@click.option("--format", "fmt", default="md", show_default=True, type=click.Choice(["md", "csv", "json", "html"]))
+@click.option("-o", "--output", default=None, help="write to this file instead of stdout")
+@user_errors
+def report(run_dir, fmt, output):
+    """Render the leaderboard of RUN_DIR as markdown, csv, json or html."""
+    from qbench.report import render
+
+    if not Path(run_dir).is_dir():
+        raise QBenchError(f"run directory {run_dir} does not exist")
+    text = render(Path(run_dir), fmt)
+    if output:
+        target = Path(output)
+        tmp = target.with_name(target.name + ".tmp")
+        try:
+            tmp.write_text(text)
+            os.replace(tmp, target)
+        except OSError as exc:
+            raise QBenchError(f"cannot write {output}: {exc.strerror or exc}") from None
+    else:
+        click.echo(text, nl=False)
+
+
+if __name__ == "__main__":
+    main()

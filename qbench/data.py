@@ -1,0 +1,195 @@
+"""Datasets: WikiText-2 and C4 through ``datasets`` — from the hub for online users, or from a local
+directory laid out like ``shared/data`` (``QBENCH_DATA_DIR`` / ``--data-dir``) — plus any text or
+JSON-lines file. Both routes produce the same ``datasets.Dataset`` rows, and the same code joins
+and tokenizes them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qbench.params import QBenchError
+
+# name -> (hub loader args, local file relative to the data dir, default split)
+WIKITEXT2_LOCAL = {"test": "wikitext-2-raw/wiki.test.raw", "validation": "wikitext-2-raw/wiki.valid.raw"}
+C4_LOCAL = {"validation": "c4/c4-validation-sample.jsonl"}
+C4_HUB_FILE = "en/c4-validation.00000-of-00008.json.gz"
+KNOWN = ("wikitext2", "c4")
+
+
+def data_dirs(explicit: str | None = None) -> list[Path]:
+    dirs = []
+    if explicit:
+        dirs.append(Path(explicit))
+    if os.environ.get("QBENCH_DATA_DIR"):
+        dirs.append(Path(os.environ["QBENCH_DATA_DIR"]))
+    return dirs
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+def _wikitext_rows_from_raw(path: Path) -> list[str]:
+    """Rows as the hub's ``wikitext-2-raw-v1`` has them: one per line, newline kept, blank lines ''."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            rows.append("" if line.strip() == "" else line)
+    return rows
+
+
+@dataclass
+class TextSource:
+    """A resolved dataset: where its rows came from and how to join them into one text."""
+
+    name: str
+    split: str
+    origin: str  # "hub", a local path
+    rows: list[str]
+    joiner: str = "\n\n"
+
+    def text(self) -> str:
+        # The GPTQ evaluation protocol joins the rows with "\n\n".
+        return self.joiner.join(self.rows)
+
+    def sha256(self) -> str:
+        return hashlib.sha256(self.text().encode("utf-8")).hexdigest()
+
+    def describe(self) -> dict:
+        return {"name": self.name, "split": self.split, "origin": self.origin, "rows": len(self.rows)}
+
+
+def _dataset_rows(ds) -> list[str]:
+    return [r for r in ds["text"]]
+
+
+def load_text(name: str, split: str | None = None, data_dir: str | None = None) -> TextSource:
+    """Resolve ``name`` (wikitext2, c4, or a .txt/.jsonl path) to a TextSource, or raise QBenchError
+    saying where we looked and what to pass."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    looked: list[str] = []
+    if name == "wikitext2":
+        split = split or "test"
+        if split not in WIKITEXT2_LOCAL:
+            raise QBenchError(f"wikitext2 has splits {', '.join(WIKITEXT2_LOCAL)}, not {split!r}")
+        for d in data_dirs(data_dir):
+            path = d / WIKITEXT2_LOCAL[split]
+            looked.append(str(path))
+            if path.is_file():
+                ds = datasets.Dataset.from_dict({"text": _wikitext_rows_from_raw(path)})
+                return TextSource(name, split, str(path), _dataset_rows(ds))
+        if not _offline():
+            looked.append("hub Salesforce/wikitext wikitext-2-raw-v1")
+            try:
+                ds = datasets.load_dataset("Salesforce/wikitext", "wikitext-2-raw-v1", split=split)
+                return TextSource(name, split, "hub", _dataset_rows(ds))
+            except Exception:
+                pass
+    elif name == "c4":
+        split = split or "validation"
+        if split not in C4_LOCAL:
+            raise QBenchError(f"c4 here has the split {', '.join(C4_LOCAL)}, not {split!r}")
+        for d in data_dirs(data_dir):
+            path = d / C4_LOCAL[split]
+            looked.append(str(path))
+            if path.is_file():
+                ds = datasets.load_dataset("json", data_files=str(path), split="train")
+                return TextSource(name, split, str(path), _dataset_rows(ds), joiner=" ")
+        if not _offline():
+            looked.append(f"hub allenai/c4 {C4_HUB_FILE}")
+            try:
+                ds = datasets.load_dataset("allenai/c4", data_files={"validation": C4_HUB_FILE}, split="validation")
+                return TextSource(name, split, "hub", _dataset_rows(ds), joiner=" ")
+            except Exception:
+                pass
+    else:
+        path = Path(name)
+        looked.append(str(path))
+        if path.is_file():
+            return _load_file(path)
+        if path.suffix in (".txt", ".jsonl", ".json", ".raw") or "/" in name:
+            raise QBenchError(f"dataset file {name} not found")
+        raise QBenchError(f"unknown dataset {name!r}; use wikitext2, c4, or a path to a .txt or .jsonl file")
+    where = "; ".join(looked) if looked else "nowhere (no data dir set)"
+    raise QBenchError(
+        f"dataset {name} not found (looked in: {where}); pass --data-dir DIR or set QBENCH_DATA_DIR "
+        f"to a folder laid out like shared/data, or go online to use the hub copy"
+    )
+
+
+def _load_file(path: Path) -> TextSource:
+    import datasets
+
+    try:
+        if path.suffix in (".jsonl", ".json"):
+            ds = datasets.load_dataset("json", data_files=str(path), split="train")
+            if "text" not in ds.column_names:
+                raise QBenchError(f"{path}: JSON lines need a 'text' field (found {', '.join(ds.column_names)})")
+            return TextSource(path.name, "file", str(path), _dataset_rows(ds))
+        ds = datasets.load_dataset("text", data_files=str(path), split="train", keep_linebreaks=True)
+        return TextSource(path.name, "file", str(path), _dataset_rows(ds), joiner="")
+    except QBenchError:
+        raise
+    except Exception as exc:
+        raise QBenchError(f"could not read dataset file {path}: {type(exc).__name__}: {exc}") from None
+
+
+def encode(tokenizer, text: str) -> torch.Tensor:
+    """Tokenize once into a 1-D LongTensor (Hugging Face tokenizers or our ByteTokenizer)."""
+    from qbench.models import ByteTokenizer
+
+    if isinstance(tokenizer, ByteTokenizer):
+        return torch.tensor(tokenizer.encode(text), dtype=torch.long)
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    return ids
+
+
+class Calibration:
+    """Random token windows from a text source, for methods that calibrate (GPTQ, static INT8).
+
+    The rows are joined and tokenized once; each sample is a window of ``seqlen`` tokens at a
+    random start (``torch.Generator`` seeded by ``seed``), so it is reproducible."""
+
+    def __init__(self, tokenizer, source: TextSource):
+        self.tokenizer = tokenizer
+        self.source = source
+        self._ids: torch.Tensor | None = None
+        self.used: dict = {}
+
+    @property
+    def ids(self) -> torch.Tensor:
+        if self._ids is None:
+            self._ids = encode(self.tokenizer, self.source.text())
+        return self._ids
+
+    def sample(self, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+        ids = self.ids
+        if ids.numel() <= seqlen:
+            raise QBenchError(
+                f"calibration data {self.source.name} has {ids.numel()} tokens, fewer than one window of {seqlen}; "
+                f"use a shorter seqlen or a larger dataset"
+            )
+        gen = torch.Generator().manual_seed(seed)
+        starts = torch.randint(0, ids.numel() - seqlen, (nsamples,), generator=gen)
+        self.used = {"dataset": self.source.describe(), "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
+        return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+
+    def describe(self) -> dict:
+        return self.used or {"dataset": self.source.describe()}
+
+
+def dataset_record(source: TextSource) -> dict:
+    return {**source.describe(), "sha256": source.sha256()}
+
+
+def read_json(path: Path) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)

@@ -1,0 +1,139 @@
+"""``memory``: exact bytes of what each method stores, and measured peak memory.
+
+* quantized-layer bytes: the sum over every ``QuantizedLinear`` of ``stored_tensors()`` (packed
+  codes, scales, zero points, code books, bias) — exact, not estimated;
+* bits per weight of those layers, and bytes per weight beside the seeds' table
+  (FP32 4, FP16 2, INT8 1, 4-bit ≈ 0.5 bytes per parameter);
+* whole-model bytes: every parameter and buffer held (tied tensors counted once);
+* peak memory of one forward pass: CUDA max allocated on a GPU, process peak RSS (VmHWM, reset
+  through /proc/self/clear_refs) on CPU.
+"""
+from __future__ import annotations
+
+import gc
+import os
+
+import torch
+
+from qbench import hookimpl
+from qbench.method import QuantizedLinear, quantizable_linears, quantized_modules
+from qbench.params import Param
+from qbench.suite import CellContext, Metric, Suite
+
+# The seeds' bytes-per-parameter table, by the bits of the code.
+SEED_BYTES_PER_PARAM = {32: 4.0, 16: 2.0, 8: 1.0, 4: 0.5}
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every tensor the model holds, each tensor once (tied embeddings share one)."""
+    tensors = []
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            tensors.extend(module.stored_tensors().values())
+            continue
+        tensors.extend(module.parameters(recurse=False))
+        tensors.extend(b for b in module.buffers(recurse=False) if b is not None)
+    seen, total = set(), 0
+    for t in tensors:
+        key = (t.device, t.data_ptr(), t.numel(), t.dtype)
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def quantized_layer_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    """(bytes stored, weights represented) over the decoder linears, quantized or not."""
+    stored = weights = 0
+    for _, q in quantized_modules(model):
+        stored += q.storage_bytes()
+        weights += q.weight_count
+    for _, linear in quantizable_linears(model):  # layers a method left in float
+        stored += sum(p.numel() * p.element_size() for p in linear.parameters())
+        weights += linear.weight.numel()
+    return stored, weights
+
+
+def _rss_peak_reset() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _status_bytes(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class MemorySuite(Suite):
+    name = "memory"
+    description = "Exact stored bytes, bits per weight, whole-model bytes, peak memory of a forward pass"
+    params = {
+        "seqlen": Param(int, 512, "tokens in the forward pass whose peak memory is measured",
+                        check=lambda v: None if v > 0 else "must be positive"),
+    }
+
+    def measure(self, ctx: CellContext) -> dict[str, Metric]:
+        model = ctx.model
+        stored, weights = quantized_layer_bytes(model)
+        total = model_bytes(model)
+        bits = 8 * stored / weights if weights else float("nan")
+        metrics = {
+            "quantized_layer_bytes": Metric(stored, "bytes"),
+            "quantized_weights": Metric(weights, "weights"),
+            "bits_per_weight": Metric(round(bits, 4), "bits"),
+            "bytes_per_weight": Metric(round(bits / 8, 5), "bytes"),
+            "model_bytes": Metric(total, "bytes"),
+            "model_bytes_per_param": Metric(round(total / ctx.model_info["params"], 5), "bytes"),
+        }
+        nominal = getattr(ctx.method, "nominal_bits", None)
+        if nominal in SEED_BYTES_PER_PARAM:
+            claim = SEED_BYTES_PER_PARAM[nominal]
+            metrics["seed_claim_bytes_per_param"] = Metric(claim, "bytes")
+            metrics["overhead_vs_seed_claim"] = Metric(round(100 * (bits / 8 / claim - 1), 2), "%")
+
+        seqlen = min(self.values["seqlen"], ctx.model_info.get("max_length", self.values["seqlen"]))
+        gen = torch.Generator().manual_seed(ctx.seed)
+        vocab = int(getattr(model.config, "vocab_size", 256))
+        ids = torch.randint(0, vocab, (1, seqlen), generator=gen).to(ctx.device)
+        gc.collect()
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            with torch.no_grad():
+                model(ids)
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+            metrics["peak_memory"] = Metric(peak, "bytes")
+            metrics["peak_activation_memory"] = Metric(peak - before, "bytes")
+            ctx.extra["peak_memory_kind"] = "cuda max_memory_allocated"
+        else:
+            reset = _rss_peak_reset()
+            rss_before = _status_bytes("VmRSS")
+            with torch.no_grad():
+                model(ids)
+            peak = _status_bytes("VmHWM")
+            if peak is not None:
+                metrics["peak_memory"] = Metric(peak, "bytes")
+                if reset and rss_before is not None:
+                    metrics["peak_activation_memory"] = Metric(peak - rss_before, "bytes")
+            ctx.extra["peak_memory_kind"] = "process peak RSS (VmHWM)" + ("" if reset else ", not reset: includes loading")
+            if os.environ.get("OMP_NUM_THREADS"):
+                ctx.extra["omp_threads"] = os.environ["OMP_NUM_THREADS"]
+        ctx.extra["peak_memory_seqlen"] = seqlen
+        return metrics
+
+
+@hookimpl
+def register_suites(register):
+    register(MemorySuite)
