@@ -1,0 +1,209 @@
+"""Fused NF4/FP4 dequantize-matmul: ``y = x @ W.T`` and the input gradient ``g @ W`` read the
+packed 4-bit codes directly (``kernels/nf4.py`` layout) and never materialise the fp16 weight.
+
+* ``_nf4_gemv_kernel``: small batches (the decode path). Each program owns ``BLOCK_J`` outputs
+  of one input row and streams the packed weight once, reducing in fp32 registers.
+* ``_nf4_gemm_kernel``: larger batches. A ``[BLOCK_M, BLOCK_R]`` tile of the input meets a
+  ``[BLOCK_R, BLOCK_J]`` tile of the weight dequantized in registers (to the input dtype, as
+  bitsandbytes dequantizes to the compute dtype), accumulated with ``tl.dot`` in fp32.
+
+Both kernels address the weight by its flat row-major index ``r * stride_r + j * stride_j``
+(reduction index r, output index j), so the same code serves the forward (r = in feature,
+j = out feature) and the backward (r = out feature, j = in feature), and any shape: rows need not
+be multiples of the quantization block, and odd rows start mid-byte.
+
+``nf4_linear(x, q, bias)`` is differentiable w.r.t. ``x`` (and ``bias``) and frozen in ``q``:
+QLoRA trains adapters through it.
+"""
+from __future__ import annotations
+
+import torch
+
+from qbench.kernels._triton import HAS_TRITON, INTERPRET, UPCAST_BF16, cdiv, triton_can_run
+from qbench.kernels.nf4 import NF4Tensor, dequantize_nf4_reference
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+# Batches up to this many rows take the GEMV kernel (one pass over the weight per row).
+GEMV_MAX_ROWS = 4
+
+
+def nf4_matmul_reference(x: torch.Tensor, q: NF4Tensor) -> torch.Tensor:
+    """``x @ W.T`` with W dequantized (in x's dtype) first; plain torch."""
+    return x @ dequantize_nf4_reference(q, x.dtype).t()
+
+
+def nf4_matmul_grad_input_reference(grad_out: torch.Tensor, q: NF4Tensor) -> torch.Tensor:
+    """``grad_out @ W``: the gradient w.r.t. the input of ``x @ W.T``; plain torch."""
+    return grad_out @ dequantize_nf4_reference(q, grad_out.dtype)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _dequant_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr, code_ptr,
+                      flat, mask, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+        """fp32 weights at flat indices ``flat`` (any shape), 0 where ``mask`` is false."""
+        byte = tl.load(packed_ptr + (flat >> 1), mask=mask, other=0).to(tl.int32)
+        nibble = (byte >> ((1 - (flat & 1)) * 4).to(tl.int32)) & 15  # even index: high nibble
+        block = flat // BLOCKSIZE
+        if DOUBLE_QUANT:
+            q8 = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+            scale = tl.load(nested_map_ptr + q8) * tl.load(nested_absmax_ptr + block // 256, mask=mask, other=0.0)
+            scale = scale + tl.load(offset_ptr)
+        else:
+            scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+        w = tl.load(code_ptr + nibble) * scale
+        return tl.where(mask, w, 0.0)
+
+    @triton.jit
+    def _nf4_gemv_kernel(x_ptr, out_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr,
+                         code_ptr, R, J, stride_r, stride_j, stride_xm, stride_om,
+                         BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                         BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST_BF16: tl.constexpr):
+        row = tl.program_id(0)
+        offs_j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+        mask_j = offs_j < J
+        acc = tl.zeros([BLOCK_J], dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            mask_r = offs_r < R
+            x = tl.load(x_ptr + row * stride_xm + offs_r, mask=mask_r, other=0.0).to(tl.float32)
+            flat = offs_j.to(tl.int64)[:, None] * stride_j + offs_r.to(tl.int64)[None, :] * stride_r
+            w = _dequant_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr, code_ptr,
+                              flat, mask_j[:, None] & mask_r[None, :], BLOCKSIZE, DOUBLE_QUANT)
+            acc += tl.sum(w * x[None, :], axis=1)
+        tl.store(out_ptr + row * stride_om + offs_j, acc.to(out_ptr.dtype.element_ty), mask=mask_j)
+
+    @triton.jit
+    def _nf4_gemm_kernel(x_ptr, out_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr,
+                         code_ptr, M, R, J, stride_r, stride_j, stride_xm, stride_om,
+                         BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr,
+                         UPCAST_BF16: tl.constexpr):
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+        mask_m = offs_m < M
+        mask_j = offs_j < J
+        acc = tl.zeros([BLOCK_M, BLOCK_J], dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            mask_r = offs_r < R
+            a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_r[None, :],
+                        mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+            flat = offs_r.to(tl.int64)[:, None] * stride_r + offs_j.to(tl.int64)[None, :] * stride_j
+            w = _dequant_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr, code_ptr,
+                              flat, mask_r[:, None] & mask_j[None, :], BLOCKSIZE, DOUBLE_QUANT)
+            if UPCAST_BF16:
+                acc += tl.dot(a.to(tl.float32), w)
+            else:
+                acc += tl.dot(a, w.to(a.dtype))
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_j[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=mask_m[:, None] & mask_j[None, :])
+
+    if not INTERPRET:  # autotune on GPU; the interpreter gets one fixed config (see _launch)
+        _nf4_gemv_kernel = triton.autotune(
+            configs=[triton.Config({"BLOCK_J": bj, "BLOCK_R": br}, num_warps=w)
+                     for bj, br, w in [(16, 256, 4), (32, 256, 4), (64, 128, 4), (16, 512, 8), (32, 512, 8)]],
+            key=["R", "J", "BLOCKSIZE", "DOUBLE_QUANT"])(_nf4_gemv_kernel)
+        _nf4_gemm_kernel = triton.autotune(
+            configs=[triton.Config({"BLOCK_M": bm, "BLOCK_J": bj, "BLOCK_R": br}, num_warps=w, num_stages=s)
+                     for bm, bj, br, w, s in [(16, 64, 64, 4, 3), (32, 64, 64, 4, 3), (64, 64, 64, 4, 3),
+                                              (64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4)]],
+            key=["M", "R", "J", "BLOCKSIZE", "DOUBLE_QUANT"])(_nf4_gemm_kernel)
+
+
+def _launch(x2d: torch.Tensor, q: NF4Tensor, R: int, J: int, stride_r: int, stride_j: int) -> torch.Tensor:
+    """out[m, j] = sum_r x2d[m, r] * W_flat[r * stride_r + j * stride_j] with Triton."""
+    M = x2d.shape[0]
+    x2d = x2d.contiguous()
+    if INTERPRET and x2d.dtype == torch.bfloat16:
+        x_in = x2d.float()  # the interpreter has no bf16 arithmetic
+        out = torch.empty(M, J, dtype=torch.float32, device=x2d.device)
+    else:
+        x_in = x2d
+        out = torch.empty(M, J, dtype=x2d.dtype, device=x2d.device)
+    if M == 0:
+        return out.to(x2d.dtype)
+    dummy = q.absmax
+    state = (q.packed, q.absmax, q.nested_absmax if q.double_quant else dummy, q.nested_code,
+             q.offset if q.double_quant else dummy, q.code)
+    common = dict(BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, UPCAST_BF16=UPCAST_BF16)
+    if M <= GEMV_MAX_ROWS:
+        fixed = dict(BLOCK_J=16, BLOCK_R=32) if INTERPRET else {}
+        grid = lambda meta: (M, cdiv(J, meta["BLOCK_J"]))  # noqa: E731
+        _nf4_gemv_kernel[grid](x_in, out, *state, R, J, stride_r, stride_j, x_in.stride(0), out.stride(0),
+                               **common, **fixed)
+    else:
+        fixed = dict(BLOCK_M=16, BLOCK_J=16, BLOCK_R=32) if INTERPRET else {}
+        grid = lambda meta: (cdiv(M, meta["BLOCK_M"]), cdiv(J, meta["BLOCK_J"]))  # noqa: E731
+        _nf4_gemm_kernel[grid](x_in, out, *state, M, R, J, stride_r, stride_j, x_in.stride(0), out.stride(0),
+                               **common, **fixed)
+    return out.to(x2d.dtype)
+
+
+def _check(x: torch.Tensor, q: NF4Tensor, dim: int, what: str) -> None:
+    if len(q.shape) != 2:
+        raise ValueError(f"nf4 matmul needs a 2-D quantized weight, got shape {q.shape}")
+    if x.shape[-1] != q.shape[dim]:
+        raise ValueError(f"nf4 {what}: input has {x.shape[-1]} features, the weight {tuple(q.shape)} needs {q.shape[dim]}")
+
+
+def nf4_matmul(x: torch.Tensor, q: NF4Tensor, use_triton: bool | None = None) -> torch.Tensor:
+    """``x @ W.T`` for x [..., in_features] and the quantized W [out_features, in_features]."""
+    _check(x, q, 1, "matmul")
+    if use_triton is None:
+        use_triton = triton_can_run(x)
+    if not (use_triton and HAS_TRITON):
+        return nf4_matmul_reference(x, q)
+    out_features, in_features = q.shape
+    y = _launch(x.reshape(-1, in_features), q, R=in_features, J=out_features, stride_r=1, stride_j=in_features)
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+def nf4_matmul_grad_input(grad_out: torch.Tensor, q: NF4Tensor, use_triton: bool | None = None) -> torch.Tensor:
+    """``grad_out @ W`` for grad_out [..., out_features]: the input gradient of ``x @ W.T``."""
+    _check(grad_out, q, 0, "grad_input")
+    if use_triton is None:
+        use_triton = triton_can_run(grad_out)
+    if not (use_triton and HAS_TRITON):
+        return nf4_matmul_grad_input_reference(grad_out, q)
+    out_features, in_features = q.shape
+    g = _launch(grad_out.reshape(-1, out_features), q, R=out_features, J=in_features,
+                stride_r=in_features, stride_j=1)
+    return g.reshape(*grad_out.shape[:-1], in_features)
+
+
+class NF4LinearFunction(torch.autograd.Function):
+    """y = x @ W.T + bias with W frozen in NF4; gradients for x (and bias) only."""
+
+    @staticmethod
+    def forward(ctx, x, bias, q, use_triton):
+        ctx.q = q
+        ctx.use_triton = use_triton
+        ctx.bias_shape = None if bias is None else bias.shape
+        y = nf4_matmul(x, q, use_triton)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = nf4_matmul_grad_input(grad_out, ctx.q, ctx.use_triton)
+        if ctx.needs_input_grad[1]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, grad_bias, None, None
+
+
+def nf4_linear(x: torch.Tensor, q: NF4Tensor, bias: torch.Tensor | None = None,
+               use_triton: bool | None = None) -> torch.Tensor:
+    """Differentiable ``x @ W.T + bias`` with W the frozen quantized weight ``q``.
+
+    ``use_triton``: None = wherever Triton can run on ``x`` (CUDA, or CPU under the
+    interpreter); False = the torch reference (dequantize, then matmul).
+    """
+    return NF4LinearFunction.apply(x, bias, q, use_triton)
