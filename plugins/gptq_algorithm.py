@@ -65,6 +65,26 @@ def _group_params(columns: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Te
     return scale[:, 0].half().float(), zero[:, 0]
 
 
+def rtn_dequantize(weight: torch.Tensor, bits: int, group_size: int, sym: bool) -> torch.Tensor:
+    """Round-to-nearest on the same grid and groups (the baseline GPTQ is judged against)."""
+    W = weight.detach().float()
+    columns = W.shape[1]
+    group = columns if group_size == -1 or group_size >= columns else group_size
+    out = torch.empty_like(W)
+    for start in range(0, columns, group):
+        block = W[:, start:start + group]
+        scale, zero = _group_params(block, bits, sym)
+        q = torch.clamp(torch.round(block / scale[:, None]) + zero[:, None], 0, 2**bits - 1)
+        out[:, start:start + group] = scale[:, None] * (q - zero[:, None])
+    return out
+
+
+def output_error(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor) -> float:
+    """Mean squared output error over the calibration tokens, ``mean ||(W - Q) x||²``, from ``H = 2XXᵀ/n``."""
+    delta = weight - quantized
+    return float(((delta @ hessian.to(delta.device)) * delta).sum() / 2)
+
+
 def inverse_cholesky(hessian: torch.Tensor, percdamp: float, max_retries: int = 4,
                      name: str = "layer") -> tuple[torch.Tensor, float, int]:
     """Upper Cholesky factor of ``(H + damp·I)⁻¹`` with ``damp = percdamp · mean(diag H)``.
@@ -161,8 +181,11 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int 
         g_idx = positions // group if static_groups else invperm // group
     else:
         g_idx = positions // group
+    original = weight.detach().float().to(W.device)
     stats = {
         "loss": float(losses.sum()),
+        "output_error": output_error(original, Q, hessian),
+        "rtn_output_error": output_error(original, rtn_dequantize(original, bits, group_size, sym), hessian),
         "damp": damp_used,
         "damp_retries": retries,
         "dead_columns": int(dead.sum()),
