@@ -1,0 +1,82 @@
+"""Fused NF4 dequantize-GEMV/GEMM and the input-gradient kernel (TRITON_INTERPRET=1) against the
+reference (dequantize, then matmul), and nf4_linear's autograd."""
+import pytest
+import torch
+
+from qbench.kernels.nf4 import dequantize_nf4_reference, quantize_nf4_reference
+from qbench.kernels.nf4_matmul import (GEMV_MAX_ROWS, nf4_linear, nf4_matmul, nf4_matmul_grad_input,
+                                       nf4_matmul_grad_input_reference, nf4_matmul_reference)
+
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def _case(out_f, in_f, blocksize, double_quant, quant_type, seed=0, zero_rows=False):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=gen)
+    if zero_rows:
+        w[:2] = 0
+    return quantize_nf4_reference(w, blocksize, double_quant, quant_type), gen
+
+
+def _close(got, want, dtype):
+    scale = want.float().abs().max().clamp(min=1)
+    assert (got.float() - want.float()).abs().max() <= TOL[dtype] * scale * 4
+
+
+@pytest.mark.parametrize("rows", [1, 3, GEMV_MAX_ROWS + 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("out_f,in_f,blocksize,double_quant,quant_type", [
+    (37, 101, 32, True, "nf4"),     # odd rows: rows start mid-byte, blocks span rows
+    (24, 70, 64, False, "fp4"),
+    (19, 96, 4096, True, "nf4"),    # one block larger than the whole weight
+])
+def test_forward_and_grad_input_match_reference(rows, dtype, out_f, in_f, blocksize, double_quant, quant_type):
+    q, gen = _case(out_f, in_f, blocksize, double_quant, quant_type, seed=out_f, zero_rows=True)
+    x = torch.randn(rows, in_f, generator=gen).to(dtype)
+    y = nf4_matmul(x, q)
+    assert y.dtype == dtype and y.shape == (rows, out_f)
+    _close(y, nf4_matmul_reference(x.float(), q), dtype)
+    assert torch.all(y[:, :2] == 0)  # all-zero weight rows
+    g = torch.randn(rows, out_f, generator=gen).to(dtype)
+    gx = nf4_matmul_grad_input(g, q)
+    assert gx.dtype == dtype and gx.shape == (rows, in_f)
+    _close(gx, nf4_matmul_grad_input_reference(g.float(), q), dtype)
+
+
+def test_batched_leading_dims():
+    q, gen = _case(20, 50, 32, True, "nf4")
+    x = torch.randn(2, 3, 50, generator=gen)
+    _close(nf4_matmul(x, q), nf4_matmul_reference(x, q), torch.float32)
+
+
+@pytest.mark.parametrize("use_triton", [True, False])
+def test_nf4_linear_autograd(use_triton):
+    q, gen = _case(21, 45, 32, True, "nf4")
+    x = torch.randn(6, 45, generator=gen, requires_grad=True)
+    bias = torch.randn(21, generator=gen, requires_grad=True)
+    y = nf4_linear(x, q, bias, use_triton=use_triton)
+    g = torch.randn(6, 21, generator=gen)
+    y.backward(g)
+    w = dequantize_nf4_reference(q, torch.float32)
+    x2 = x.detach().clone().requires_grad_()
+    b2 = bias.detach().clone().requires_grad_()
+    (x2 @ w.t() + b2).backward(g)
+    _close(y, x2 @ w.t() + b2, torch.float32)
+    _close(x.grad, x2.grad, torch.float32)
+    _close(bias.grad, b2.grad, torch.float32)
+
+
+def test_shape_mismatch():
+    q, _ = _case(8, 32, 32, False, "nf4")
+    with pytest.raises(ValueError, match="features"):
+        nf4_matmul(torch.randn(2, 31), q)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 16, 128])
+def test_cuda_matches_reference(rows):
+    q, gen = _case(4096, 4096, 64, True, "nf4")
+    q = q.to("cuda")
+    x = torch.randn(rows, 4096, generator=gen).to("cuda", torch.float16)
+    _close(nf4_matmul(x, q), nf4_matmul_reference(x.float(), q), torch.float16)
+    _close(nf4_matmul_grad_input(x[:, :4096], q), nf4_matmul_grad_input_reference(x.float(), q), torch.float16)
