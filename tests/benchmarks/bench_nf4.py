@@ -1,0 +1,75 @@
+"""Speed of the NF4 kernels against FP16 torch matmul of the same shape, measured in the same run.
+
+Run on a GPU: ``pytest tests/benchmarks/bench_nf4.py --benchmark-only`` (skips without CUDA).
+Each case records in ``extra_info``: the FP16 time, ``speedup_vs_fp16`` (> 1 is faster) and the
+effective memory bandwidth in GB/s (bytes of packed weight + quant state + activations moved,
+over the kernel time). The target on an H100: >= 3.5x FP16 at batch 1 (>= 80% of bandwidth).
+"""
+import pytest
+import torch
+
+from qbench.kernels.nf4 import dequantize_nf4, quantize_nf4
+from qbench.kernels.nf4_matmul import nf4_matmul, nf4_matmul_grad_input
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (out_features, in_features), Llama-7B-like
+BATCHES = [1, 16, 128]
+
+
+def _cuda_time(fn, iters=50, warmup=10) -> float:
+    """Mean seconds per call, by CUDA events."""
+    for _ in range(warmup):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1000 / iters
+
+
+@pytest.fixture(scope="module")
+def layers():
+    out = {}
+    for n, k in SHAPES:
+        w = torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02
+        out[(n, k)] = (w, quantize_nf4(w, 64, True, "nf4"))
+    return out
+
+
+def _record(benchmark, fn, fp16_fn, moved_bytes):
+    fp16_s = _cuda_time(fp16_fn)
+    ours_s = _cuda_time(fn)
+    benchmark.extra_info.update({
+        "device": torch.cuda.get_device_name(), "fp16_ms": fp16_s * 1e3, "nf4_ms": ours_s * 1e3,
+        "speedup_vs_fp16": fp16_s / ours_s, "effective_GBps": moved_bytes / ours_s / 1e9,
+    })
+    benchmark.pedantic(lambda: (fn(), torch.cuda.synchronize()), rounds=20, warmup_rounds=3)
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_forward(benchmark, layers, shape, batch):
+    w, q = layers[shape]
+    x = torch.randn(batch, shape[1], device="cuda", dtype=torch.float16)
+    moved = q.storage_bytes() + x.numel() * 2 + batch * shape[0] * 2
+    _record(benchmark, lambda: nf4_matmul(x, q), lambda: x @ w.t(), moved)
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_grad_input(benchmark, layers, shape, batch):
+    w, q = layers[shape]
+    g = torch.randn(batch, shape[0], device="cuda", dtype=torch.float16)
+    moved = q.storage_bytes() + g.numel() * 2 + batch * shape[1] * 2
+    _record(benchmark, lambda: nf4_matmul_grad_input(g, q), lambda: g @ w, moved)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_dequantize(benchmark, layers, shape):
+    w, q = layers[shape]
+    moved = q.storage_bytes() + w.numel() * 2
+    _record(benchmark, lambda: dequantize_nf4(q, torch.float16), lambda: w.clone(), moved)
