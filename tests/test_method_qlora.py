@@ -139,3 +139,90 @@ def test_bad_train_input(params, data, match):
     with pytest.raises(QBenchError, match=match) as err:
         method.train(model, None, data)
     assert "\n" not in str(err.value)
+
+
+# ------------------------------------------------------------------------------------------ qlora
+
+from qbench.plugins.qlora import NF4FrozenLinear, QLoRALinear, QLoRAMethod  # noqa: E402
+
+
+def _swap_rebuilt(model):
+    from qbench.method import set_submodule
+    for name, module in list(quantized_modules(model)):
+        config = json.loads(json.dumps(module.config()))
+        set_submodule(model, name, type(module).from_stored(dict(module.stored_tensors()), config))
+
+
+def test_qlora_trains_and_cache_rebuilds_fine_tuned_model():
+    model = tiny_llama()
+    method = QLoRAMethod(**FAST)
+    method.quantize(model)
+    assert all(isinstance(m, QLoRALinear) for _, m in quantized_modules(model))
+    metrics = method.train(model, None, WindowData())
+    assert metrics["eval_loss_after"].value < metrics["eval_loss_before"].value - 0.05
+    assert metrics["optimizer_state_host_bytes"].value == 8 * metrics["trainable_params"].value
+    _, module = next(iter(quantized_modules(model)))
+    stored = module.stored_tensors()
+    assert {"packed", "absmax", "nested_absmax", "offset", "lora_A", "lora_B"} <= set(stored)
+    assert stored["packed"].dtype == torch.uint8 and stored["absmax"].dtype == torch.uint8  # double quant
+    assert stored["lora_B"].abs().sum() > 0  # trained
+    x = torch.randint(3, 259, (2, 16))
+    ref = model(x).logits
+    _swap_rebuilt(model)
+    torch.testing.assert_close(model(x).logits, ref)
+
+
+def test_qlora_target_subset_quantizes_the_rest_without_adapters():
+    model = tiny_llama(layers=1)
+    QLoRAMethod(r=2, target_modules="q_proj+v_proj").quantize(model)
+    kinds = {n.rsplit(".", 1)[-1]: type(m) for n, m in quantized_modules(model)}
+    assert kinds["q_proj"] is QLoRALinear and kinds["v_proj"] is QLoRALinear
+    assert kinds["o_proj"] is NF4FrozenLinear and kinds["down_proj"] is NF4FrozenLinear
+    assert not any(isinstance(m, torch.nn.Linear) for n, m in model.named_modules() if ".layers." in n)
+
+
+def test_qlora_adapter_loads_in_peft_on_dequantized_base(tmp_path):
+    peft = pytest.importorskip("peft")
+    from qbench.method import set_submodule
+    model = tiny_llama()
+    QLoRAMethod(r=4, alpha=8).quantize(model)
+    _randomize_b(model)
+    save_peft_adapter(model, tmp_path / "a")
+    base = tiny_llama()  # the original float model, with the NF4-rounded weights the adapter was trained on
+    for name, module in lora_modules(model):
+        with torch.no_grad():
+            base.get_submodule(name).weight.copy_(module.dequantized_weight())
+    x = torch.randint(3, 259, (2, 16))
+    theirs = peft.PeftModel.from_pretrained(base, str(tmp_path / "a")).eval()(input_ids=x).logits
+    torch.testing.assert_close(theirs, model(x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_module_path_matches_reference(monkeypatch):
+    """The module's Triton path (forced on CPU under the interpreter) against its torch path."""
+    import qbench.plugins.qlora as qlora_mod
+    g = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(40, 24, bias=True)
+    layer = QLoRALinear.from_linear(linear, r=3, alpha=6, dropout=0.0, generator=g)
+    with torch.no_grad():
+        layer.lora_B.normal_(generator=g)
+    x = torch.randn(2, 5, 40, generator=g)
+    outs, grads = [], []
+    for fused in (False, True):
+        monkeypatch.setattr(qlora_mod, "use_triton_in_module", lambda t, f=fused: f)
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        assert layer.kernel_path == ("triton" if fused else "reference")
+        y.square().sum().backward()
+        outs.append(y.detach())
+        grads.append((xi.grad, layer.lora_A.grad.clone(), layer.lora_B.grad.clone()))
+        layer.lora_A.grad = layer.lora_B.grad = None
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
+    for got, want in zip(grads[1], grads[0]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_qlora_bad_input():
+    with pytest.raises(QBenchError, match="blocksize"):
+        QLoRAMethod(blocksize=48)
+    with pytest.raises(QBenchError, match="larger than layer"):
+        QLoRAMethod(r=33).quantize(tiny_llama(layers=1))
