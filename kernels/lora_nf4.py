@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from qbench.kernels._triton import HAS_TRITON, INTERPRET, UPCAST_BF16, cdiv, triton_can_run
-from qbench.kernels.nf4 import NESTED_BLOCKSIZE, NF4Tensor, dequantize_nf4_reference
+from qbench.kernels.nf4 import NF4Tensor, dequantize_nf4_reference
 from qbench.params import QBenchError
 
 if HAS_TRITON:

@@ -5,10 +5,10 @@ import os
 import pytest
 import torch
 
-from qbench.method import QuantizedLinear, quantized_modules
+from qbench.method import quantized_modules
 from qbench.models import tiny_llama
 from qbench.params import QBenchError
-from qbench.plugins.lora import (LoRALinear, LoRAMethod, load_peft_adapter, lora_modules, save_peft_adapter)
+from qbench.plugins.lora import LoRAMethod, load_peft_adapter, lora_modules, save_peft_adapter
 
 
 class WindowData:
@@ -95,8 +95,6 @@ def test_save_replaces_whole_and_failed_write_leaves_nothing(tmp_path, monkeypat
     LoRAMethod(r=2).quantize(model)
     save_peft_adapter(model, tmp_path / "a")
     _randomize_b(model)
-    import qbench.plugins.lora as lora_mod
-
     def boom(*a, **k):
         raise KeyboardInterrupt  # killed midway through writing
     monkeypatch.setattr(json, "dump", boom)
