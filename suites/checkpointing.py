@@ -14,7 +14,9 @@ Activation memory, two ways:
   ``torch.utils.checkpoint`` installs its own hooks, so the outer hook never sees the tensors the
   backward *recomputes*; we count them by wrapping the pack hook of checkpoint's
   ``_recomputation_hook`` (the context it pushes while recomputing): each recomputed tensor is
-  counted from its recomputation until it is freed after use. If a future torch renames that
+  counted from its recomputation until it is freed after use. Weight *copies* made in the forward
+  (NF4 weights dequantized by the torch reference path, 16-bit weights upcast for CPU compute)
+  are not parameters: they count, because the step really holds them for the backward. If a future torch renames that
   class the suite says so in the record's notes (and the recompute is then not counted).
 * **allocator peak**: CUDA max allocated above the step's start on a GPU; on CPU the peak of
   torch.profiler's memory events (allocations minus frees, in time order) during the step.
