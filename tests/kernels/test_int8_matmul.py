@@ -58,3 +58,14 @@ def test_w8a8_close_to_float_matmul():
 def test_rejects_non_int8():
     with pytest.raises(QBenchError, match="int8"):
         int8_matmul(torch.zeros(2, 4), torch.ones(1), torch.zeros(3, 4, dtype=torch.int8), torch.ones(1))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16, 130])
+def test_cuda_kernel_matches_reference(m):
+    torch.manual_seed(0)
+    a = torch.randint(-127, 128, (m, 576), dtype=torch.int8, device="cuda")
+    b = torch.randint(-127, 128, (300, 576), dtype=torch.int8, device="cuda")
+    sa, sb = torch.rand(m, device="cuda") / 127, torch.rand(300, device="cuda") / 127
+    y = int8_matmul(a, sa, b, sb, None, torch.float32)
+    assert torch.equal(y, int8_matmul_reference(a, sa, b, sb, None, torch.float32))
