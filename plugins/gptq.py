@@ -9,6 +9,7 @@ dequantize-matmul on CUDA and the torch reference on CPU. :func:`save_gptq_check
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,10 @@ from qbench.method import Method, QuantizedLinear, quantizable_linears, quantize
 from qbench.params import Param, QBenchError
 
 GROUP_SIZES = (-1, 32, 64, 128)
+# Calibration when nsamples/seqlen are not given: the reference's 128 x 2048 on a GPU; on CPU that
+# takes 1-2 hours for the 135M demo model on 2 cores, 32 x 512 about 3-6 minutes.
+DEFAULT_CALIBRATION = {"cuda": (128, 2048), "cpu": (32, 512)}
+log = logging.getLogger("qbench.gptq")
 
 
 class GPTQLinear(QuantizedLinear):
@@ -147,9 +152,9 @@ class GPTQ(Method):
         "percdamp": Param(float, 0.01, "dampening, as a fraction of the mean Hessian diagonal",
                           check=lambda v: None if 0 <= v < 10 else "must be in [0, 10)"),
         "blocksize": Param(int, 128, "columns per lazy batch update", check=_positive),
-        "nsamples": Param(int, 128, "calibration windows", check=_positive),
-        "seqlen": Param(int, 2048, "tokens per calibration window (capped at the model's maximum length)",
-                        check=_positive),
+        "nsamples": Param(int, None, "calibration windows (default: 128 on GPU, 32 on CPU)", check=_positive),
+        "seqlen": Param(int, None, "tokens per calibration window, capped at the model's maximum length "
+                        "(default: 2048 on GPU, 512 on CPU)", check=_positive),
         "seed": Param(int, 0, "seed of the calibration windows"),
     }
 
@@ -165,9 +170,13 @@ class GPTQ(Method):
         if calibration is None:
             raise QBenchError("method gptq needs calibration data (nsamples windows of seqlen tokens); none was given")
         values = self.values
-        max_len = getattr(getattr(model, "config", None), "max_position_embeddings", None) or values["seqlen"]
-        seqlen = min(values["seqlen"], int(max_len))
-        tokens = calibration.sample(values["nsamples"], seqlen, values["seed"])
+        device = next(model.parameters()).device
+        default_nsamples, default_seqlen = DEFAULT_CALIBRATION["cuda" if device.type == "cuda" else "cpu"]
+        nsamples = values["nsamples"] or default_nsamples
+        seqlen = values["seqlen"] or default_seqlen
+        max_len = getattr(getattr(model, "config", None), "max_position_embeddings", None) or seqlen
+        seqlen = min(seqlen, int(max_len))
+        tokens = calibration.sample(nsamples, seqlen, values["seed"])
         tokens = torch.as_tensor(tokens, dtype=torch.long)
         if tokens.dim() != 2 or tokens.shape[0] == 0 or tokens.shape[1] == 0:
             raise QBenchError(f"gptq: calibration returned tokens of shape {tuple(tokens.shape)}; "
@@ -180,14 +189,15 @@ class GPTQ(Method):
                                                 settings["sym"], settings["act_order"])
 
         started = time.perf_counter()
-        run = gptq_quantize_blocks(model, tokens, settings, make, wanted=wanted)
+        run = gptq_quantize_blocks(model, tokens, settings, make, wanted=wanted, log=log.info)
         missing = [name for name, _ in quantizable_linears(model)]
         if missing:  # linears outside the decoder blocks the algorithm walks (unusual architectures)
             raise QBenchError(f"gptq: {len(missing)} linears were not reached by calibration, e.g. {missing[0]}")
         losses = {name: stats["loss"] for name, stats in run["layers"].items()}
         self.report = {
             "settings": settings,
-            "calibration": {"nsamples": int(tokens.shape[0]), "seqlen": int(tokens.shape[1]), "seed": values["seed"]},
+            "calibration": {"nsamples": int(tokens.shape[0]), "seqlen": int(tokens.shape[1]), "seed": values["seed"],
+                            "device_default": values["nsamples"] is None or values["seqlen"] is None},
             "quantize_seconds": round(time.perf_counter() - started, 2),
             "capture_seconds": run["capture_seconds"],
             "damp_retries": run["damp_retries"],

@@ -1,12 +1,11 @@
 """Method gptq: the algorithm's quality against RTN, act-order, dead columns, the damping retry path,
 NaN handling, the quantized module and GPTQ checkpoint interop."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from qbench.kernels.gptq_pack import pack_qweight, packed_rows
+from qbench.kernels.gptq_pack import packed_rows
 from qbench.kernels.minmax_grid import fake_quantize, minmax_scale_zero
 from qbench.method import quantizable_linears, quantized_modules
 from qbench.models import ByteTokenizer, tiny_llama
@@ -126,7 +125,7 @@ def test_hessian_not_positive_definite_retries_with_more_damping():
 
 
 def test_method_quantizes_tiny_llama_and_reports(tmp_path):
-    model = tiny_llama(seed=0)
+    model = tiny_llama(seed=0, max_len=128)
     tokens = TextCalibration().sample(2, 48, seed=3)
     with torch.no_grad():
         reference = model(tokens).logits
@@ -137,7 +136,7 @@ def test_method_quantizes_tiny_llama_and_reports(tmp_path):
     assert len(modules) == 14 and all(isinstance(m, GPTQLinear) for m in modules.values())
     assert not list(quantizable_linears(model))
     report = method.report
-    assert report["calibration"] == {"nsamples": 16, "seqlen": 512, "seed": 0}  # capped at the model's length
+    assert report["calibration"] == {"nsamples": 16, "seqlen": 128, "seed": 0, "device_default": False}  # capped at the model's length
     assert set(report["layers"]) == set(modules)
     for stats in report["layers"].values():
         assert stats["output_error"] <= stats["rtn_output_error"]
@@ -165,6 +164,19 @@ def test_other_bit_widths_and_asymmetric_grid(bits, sym):
     assert len(modules) == 7 and all(m.bits == bits for m in modules.values())
     errors = [(s["output_error"], s["rtn_output_error"]) for s in method.report["layers"].values()]
     assert sum(e for e, _ in errors) < sum(r for _, r in errors)
+
+
+def test_cpu_default_calibration_is_small():
+    class Recorder(TextCalibration):
+        def sample(self, nsamples, seqlen, seed=0):
+            self.asked = (nsamples, seqlen, seed)
+            return super().sample(4, 32, seed)
+
+    calibration = Recorder()
+    method = GPTQ(group_size=-1)
+    method.quantize(tiny_llama(layers=1, max_len=1024), calibration)
+    assert calibration.asked == (32, 512, 0)
+    assert method.report["calibration"]["device_default"] is True
 
 
 def test_bad_parameters_and_missing_calibration():
