@@ -177,3 +177,19 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torc
     info["max_length"] = int(getattr(model.config, "max_position_embeddings", 2048))
     info["architecture"] = type(model).__name__
     return LoadedModel(model, tokenizer, info)
+
+
+def load_tokenizer(spec: str, trust_remote_code: bool = False):
+    """Only the tokenizer (for checks before the cells start)."""
+    info = resolve_model(spec)
+    if info["kind"] == "tiny":
+        return ByteTokenizer(), 512
+    from transformers import AutoConfig, AutoTokenizer
+
+    where = str(_float_cache_of_demo()) if info["kind"] == "demo" else info["source"].removeprefix("hub:")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise QBenchError(f"could not load the tokenizer of {spec}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+    return tokenizer, int(getattr(config, "max_position_embeddings", 2048))

@@ -66,8 +66,8 @@ def check_device(device: str) -> None:
 
 def plan(config: RunConfig) -> list[dict[str, Any]]:
     """Validate everything and expand the matrix. Raises QBenchError before any cell runs."""
-    from qbench.data import load_text
-    from qbench.models import resolve_model
+    from qbench.data import encode, load_text
+    from qbench.models import load_tokenizer, resolve_model
 
     if not config.methods:
         raise QBenchError("no methods given; e.g. --methods fp16,nf4")
@@ -83,8 +83,16 @@ def plan(config: RunConfig) -> list[dict[str, Any]]:
     for model in config.models:
         resolve_model(model)  # fails early: missing package, directory without weights...
     models = config.models
+    source = load_text(config.dataset, data_dir=config.data_dir)  # fails early, saying where it looked
     if any(s.needs_dataset for s in suites):
-        load_text(config.dataset, data_dir=config.data_dir)  # fails early with where it looked
+        checks = [s for s in suites if hasattr(s, "check_dataset")]
+        for model in models if checks else []:
+            tokenizer, max_length = load_tokenizer(model, config.trust_remote_code)
+            tokens = encode(tokenizer, source.text()).numel()
+            for suite in checks:
+                problem = suite.check_dataset(source, tokens, max_length)
+                if problem:
+                    raise QBenchError(problem)
     if any(getattr(m, "needs_calibration", False) for m in methods):
         load_text(config.calibration, data_dir=config.data_dir)
     check_output_dir(config.out)

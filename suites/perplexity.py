@@ -48,6 +48,14 @@ class PerplexitySuite(Suite):
                        check=lambda v: None if v > 0 else "must be positive"),
     }
 
+    def check_dataset(self, source, tokens: int, max_length: int) -> str | None:
+        """Checked before any cell starts: at least one full window."""
+        seqlen = min(self.values["seqlen"], max_length)
+        if tokens < seqlen:
+            return (f"dataset {source.name} has {tokens} tokens, fewer than one window of {seqlen}; "
+                    f"use perplexity:seqlen=N with a smaller N or a longer text")
+        return None
+
     def measure(self, ctx: CellContext) -> dict[str, Metric]:
         seqlen = min(self.values["seqlen"], ctx.model_info.get("max_length", self.values["seqlen"]))
         limit = self.values["limit"] if self.values["limit"] is not None else ctx.limit
