@@ -24,6 +24,7 @@ BUILTIN_PLUGINS = [
     "qbench.plugins.affine",
     "qbench.plugins.nf4",
     "qbench.plugins.gptq",
+    "qbench.plugins.lora",
     "qbench.plugins.qlora",
     "qbench.suites.memory",
     "qbench.suites.latency",
