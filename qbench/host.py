@@ -30,6 +30,7 @@ BUILTIN_PLUGINS = [
     "qbench.suites.latency",
     "qbench.suites.perplexity",
     "qbench.suites.checkpointing",
+    "qbench.suites.fidelity",
     "qbench.executors",
 ]
 
