@@ -149,13 +149,7 @@ def render(run_dir: Path, fmt: str) -> str:
         table = board.to_markdown(index=False, floatfmt="g")
         return table + "\n\n" + "\n".join(f"- {line}" for line in context_lines(frame, run_dir)) + "\n"
     if fmt == "html":
-        table = board.to_html(index=False, na_rep="—", border=0, classes="leaderboard")
-        context = "".join(f"<li>{html.escape(line)}</li>" for line in context_lines(frame, run_dir))
-        return (
-            "<!doctype html><html><head><meta charset='utf-8'><title>qbench leaderboard</title>"
-            "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-            "td,th{padding:4px 8px;border-bottom:1px solid #ddd;text-align:right}"
-            "th{background:#f4f4f4}</style></head><body><h1>qbench leaderboard</h1>"
-            f"{table}<ul>{context}</ul></body></html>\n"
-        )
+        from qbench.report_html import render_html
+
+        return render_html(frame, board, context_lines(frame, run_dir))
     raise QBenchError(f"unknown format {fmt!r}; valid formats: md, csv, json, html")

@@ -1,0 +1,216 @@
+"""``qbench report --format html``: one self-contained page — the leaderboard (sortable by clicking a
+header, a few lines of inline JavaScript) and plots embedded as base64 PNG:
+
+* perplexity (or, where the run has the fidelity suite, KL divergence from FP32) against bits per
+  weight, one point per method, the FP16 baseline as a reference line;
+* decode speed-up against memory saved in the quantized layers, FP16 at (0 %, 1×).
+
+Plots need matplotlib (the ``plots`` extra); without it the page says so and still has the table.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+# (suite, metric, column title): fidelity numbers added to the leaderboard when the run has them
+FIDELITY_COLUMNS = [
+    ("fidelity", "kl_mean", "KL mean"),
+    ("fidelity", "kl_p99", "KL p99"),
+    ("fidelity", "top1_agreement", "top-1 agree"),
+]
+
+
+def add_fidelity_columns(frame: pd.DataFrame, board: pd.DataFrame) -> pd.DataFrame:
+    """The leaderboard plus KL mean / p99 / top-1 agreement per model × method (only if measured)."""
+    cols = [(f"{s}.{m}", title) for s, m, title in FIDELITY_COLUMNS if f"{s}.{m}" in frame.columns]
+    if not cols or board.empty:
+        return board
+    board = board.copy()
+    for col, title in cols:
+        values = []
+        for r in board.itertuples():
+            group = frame[(frame["model"] == r.model) & (frame["method"] == r.method)][col].dropna()
+            values.append(float(group.iloc[-1]) if len(group) else None)
+        at = list(board.columns).index("status") if "status" in board.columns else len(board.columns)
+        board.insert(at, title, values)
+    return board
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and not (isinstance(v, float) and math.isnan(v))
+
+
+def _cell(v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "<td data-v=''>—</td>"
+    if _is_number(v):
+        return f"<td class='num' data-v='{float(v)!r}'>{float(v):.6g}</td>"
+    text = html.escape(str(v))
+    return f"<td data-v='{text}'>{text}</td>"
+
+
+def table_html(board: pd.DataFrame) -> str:
+    head = "".join(f"<th title='click to sort'>{html.escape(str(c))}</th>" for c in board.columns)
+    rows = "".join("<tr>" + "".join(_cell(v) for v in row) + "</tr>"
+                   for row in board.astype(object).itertuples(index=False))
+    return f"<table id='leaderboard' class='leaderboard'><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+
+
+SORT_JS = """
+document.querySelectorAll('#leaderboard th').forEach(function (th, col) {
+  th.addEventListener('click', function () {
+    var body = th.closest('table').tBodies[0];
+    var asc = th.dataset.order !== 'asc';
+    th.parentNode.querySelectorAll('th').forEach(function (h) { delete h.dataset.order; });
+    th.dataset.order = asc ? 'asc' : 'desc';
+    var rows = Array.prototype.slice.call(body.rows);
+    rows.sort(function (a, b) {
+      var x = a.cells[col].dataset.v, y = b.cells[col].dataset.v;
+      if (x === '' && y === '') return 0;
+      if (x === '') return 1;            // empty cells last either way
+      if (y === '') return -1;
+      var nx = parseFloat(x), ny = parseFloat(y);
+      var cmp = (!isNaN(nx) && !isNaN(ny)) ? nx - ny : x.localeCompare(y);
+      return asc ? cmp : -cmp;
+    });
+    rows.forEach(function (r) { body.appendChild(r); });
+  });
+});
+// A link can open the page sorted: page.html#sort=ppl (twice for descending: #sort=ppl,desc).
+(function () {
+  var m = /^#sort=([^,]*)(,desc)?$/.exec(location.hash);
+  if (!m) return;
+  var name = decodeURIComponent(m[1]);
+  document.querySelectorAll('#leaderboard th').forEach(function (th) {
+    if (th.textContent === name) { th.click(); if (m[2]) th.click(); }
+  });
+})();
+"""
+
+STYLE = (
+    "body{font-family:sans-serif;margin:2em;color:#222}table{border-collapse:collapse}"
+    "td,th{padding:4px 8px;border-bottom:1px solid #ddd;text-align:left}td.num{text-align:right}"
+    "th{background:#f4f4f4;cursor:pointer;user-select:none}th[data-order=asc]::after{content:' ▲'}"
+    "th[data-order=desc]::after{content:' ▼'}img.plot{max-width:48%;min-width:420px;margin:1em 1em 0 0}"
+    ".missing{color:#a33}"
+)
+
+
+def _baseline(board: pd.DataFrame, model: str) -> dict | None:
+    from qbench.report import BASELINES
+
+    for name in BASELINES:
+        match = board[(board["model"] == model) & (board["method"] == name)]
+        if len(match):
+            return match.iloc[0].to_dict()
+    return None
+
+
+def _points(board: pd.DataFrame, x: str, y: str) -> list[tuple[str, str, float, float]]:
+    out = []
+    if x not in board.columns or y not in board.columns:
+        return out
+    for r in board.to_dict("records"):
+        if _is_number(r.get(x)) and _is_number(r.get(y)):
+            out.append((r["model"], r["method"], float(r[x]), float(r[y])))
+    return out
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def plots(board: pd.DataFrame) -> list[tuple[str, str]]:
+    """(title, base64 PNG) per plot; raises ImportError without matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures = []
+    uses_kl = "KL mean" in board.columns and board["KL mean"].notna().any()
+    quality, quality_label = ("KL mean", "KL divergence from FP32 (nats/token, mean)") if uses_kl else ("ppl", "perplexity")
+    for x, y, title, xlabel, ylabel, reference in (
+        ("bits/weight", quality, f"{quality_label} vs bits per weight", "bits per weight (quantized layers)",
+         quality_label, quality),
+        ("memory saved (%)", "decode speed-up", "decode speed-up vs memory saved", "memory saved vs FP16 (%)",
+         "decode speed-up vs FP16 (×, batch 1)", None),
+    ):
+        data = board.copy()
+        if "memory vs fp16" in data.columns:
+            data["memory saved (%)"] = [None if not _is_number(v) else round(100 * (1 - float(v)), 2)
+                                        for v in data["memory vs fp16"]]
+        points = _points(data, x, y)
+        if not points:
+            continue
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        models = sorted({p[0] for p in points})
+        for model in models:
+            mine = [p for p in points if p[0] == model]
+            ax.scatter([p[2] for p in mine], [p[3] for p in mine], label=model if len(models) > 1 else None, zorder=3)
+            for _, method, px, py in mine:
+                ax.annotate(method, (px, py), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            base = _baseline(data, model)
+            if reference is not None and base is not None and _is_number(base.get(reference)):
+                ax.axhline(float(base[reference]), linestyle="--", color="gray", linewidth=1,
+                           label=f"{base['method']} ({model})")
+            elif reference is None:
+                ax.axhline(1.0, linestyle="--", color="gray", linewidth=1, label="FP16 (1×)")
+        if reference is None:
+            ax.axvline(0.0, linestyle=":", color="gray", linewidth=1)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        handles, labels = ax.get_legend_handles_labels()
+        if labels:
+            # one legend entry per label (the FP16 line is drawn once per model)
+            seen = {}
+            for h, lab in zip(handles, labels):
+                seen.setdefault(lab, h)
+            ax.legend(seen.values(), seen.keys(), fontsize=8)
+        figures.append((title, _png(fig)))
+        plt.close(fig)
+    return figures
+
+
+def render_html(frame: pd.DataFrame, board: pd.DataFrame, context: list[str], claims: list[str] | None = None) -> str:
+    board = add_fidelity_columns(frame, board)
+    try:
+        figures = plots(board)
+        if figures:
+            plot_html = "".join(f"<img class='plot' alt='{html.escape(t)}' title='{html.escape(t)}' "
+                                f"src='data:image/png;base64,{b64}'>" for t, b64 in figures)
+        else:
+            plot_html = "<p class='missing'>No plots: the run has no memory/perplexity/latency numbers to plot.</p>"
+    except ImportError:
+        plot_html = ("<p class='missing' id='no-plots'>Plots need matplotlib, which is not installed: "
+                     "pip install 'qbench-quant[plots]'</p>")
+    items = "".join(f"<li>{html.escape(line)}</li>" for line in context)
+    claim_html = ""
+    if claims:
+        claim_html = "<h2>The notes' claims, as measured here</h2><ul>" + "".join(
+            f"<li>{html.escape(c)}</li>" for c in claims) + "</ul>"
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>qbench leaderboard</title>"
+        f"<style>{STYLE}</style></head><body><h1>qbench leaderboard</h1>"
+        f"{table_html(board)}<p><small>Click a column header to sort.</small></p>"
+        f"<h2>Plots</h2><div id='plots'>{plot_html}</div>"
+        f"<h2>Context</h2><ul>{items}</ul>{claim_html}"
+        f"<script>{SORT_JS}</script></body></html>\n"
+    )
+
+
+def write_page(run_dir: Path, target: Path) -> Path:
+    from qbench.report import render
+
+    target.write_text(render(run_dir, "html"))
+    return target
