@@ -189,5 +189,26 @@ def report(run_dir, fmt, output):
         click.echo(text, nl=False)
 
 
+@main.command()
+@click.argument("run_a")
+@click.argument("run_b")
+@click.option("--format", "fmt", default="md", show_default=True, type=click.Choice(["md", "json"]))
+@click.option("--changed-only", is_flag=True, help="list only metrics whose value changed")
+@click.option("-o", "--output", default=None, help="write to this file instead of stdout")
+@user_errors
+def compare(run_a, run_b, fmt, changed_only, output):
+    """Show what changed from RUN_A to RUN_B: same cells (method × model × suite), metric deltas, cells in one run only."""
+    from qbench.compare import render_comparison
+
+    text = render_comparison(Path(run_a), Path(run_b), fmt, changed_only=changed_only)
+    if output:
+        try:
+            Path(output).write_text(text)
+        except OSError as exc:
+            raise QBenchError(f"cannot write {output}: {exc.strerror or exc}") from None
+    else:
+        click.echo(text, nl=False)
+
+
 if __name__ == "__main__":
     main()
