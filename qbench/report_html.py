@@ -98,7 +98,7 @@ STYLE = (
     "td,th{padding:4px 8px;border-bottom:1px solid #ddd;text-align:left}td.num{text-align:right}"
     "th{background:#f4f4f4;cursor:pointer;user-select:none}th[data-order=asc]::after{content:' ▲'}"
     "th[data-order=desc]::after{content:' ▼'}img.plot{max-width:48%;min-width:420px;margin:1em 1em 0 0}"
-    ".missing{color:#a33}"
+    ".missing{color:#a33}.wide{overflow-x:auto;max-width:100%}table{font-size:14px}"
 )
 
 
@@ -202,7 +202,7 @@ def render_html(frame: pd.DataFrame, board: pd.DataFrame, context: list[str], cl
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>qbench leaderboard</title>"
         f"<style>{STYLE}</style></head><body><h1>qbench leaderboard</h1>"
-        f"{table_html(board)}<p><small>Click a column header to sort.</small></p>"
+        f"<div class='wide'>{table_html(board)}</div><p><small>Click a column header to sort.</small></p>"
         f"<h2>Plots</h2><div id='plots'>{plot_html}</div>"
         f"<h2>Context</h2><ul>{items}</ul>{claim_html}"
         f"<script>{SORT_JS}</script></body></html>\n"
