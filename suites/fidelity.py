@@ -2,7 +2,7 @@
 
 On the same non-overlapping windows the perplexity suite uses (rows joined, tokenized once, cut
 into ``seqlen``-token windows, tail dropped), an unquantized FP32 copy of the same model (loaded
-again in this process) and the quantized model each predict every next token. Per token:
+again in this process; ``reference=float16`` halves its memory on a GPU) and the quantized model each predict every next token. Per token:
 
 * KL(P_ref ‖ P_quant) over the full vocabulary — the measure llama.cpp reports beside perplexity,
   more sensitive than perplexity to small differences;
@@ -26,7 +26,8 @@ from qbench.data import encode
 from qbench.params import Param, QBenchError
 from qbench.suite import CellContext, Metric, Suite
 
-REFERENCE_DTYPE = torch.float32
+REFERENCE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
 def reference_spec(model_info: dict) -> str:
@@ -36,10 +37,10 @@ def reference_spec(model_info: dict) -> str:
     return model_info["name"]
 
 
-def load_reference(model_info: dict, device: torch.device):
+def load_reference(model_info: dict, device: torch.device, dtype: torch.dtype = torch.float32):
     from qbench.models import load_model
 
-    return load_model(reference_spec(model_info), dtype=REFERENCE_DTYPE, device=device).model
+    return load_model(reference_spec(model_info), dtype=dtype, device=device).model
 
 
 @torch.no_grad()
@@ -73,13 +74,15 @@ def summarize(kl: torch.Tensor, agree: torch.Tensor, ref_nll: float, quant_nll: 
 
 class FidelitySuite(Suite):
     name = "fidelity"
-    description = "KL divergence from the unquantized FP32 model (mean, p99) and top-1 agreement, window by window"
+    description = "KL divergence from the unquantized (FP32) model (mean, p99) and top-1 agreement, window by window"
     needs_dataset = True
     params = {
         "seqlen": Param(int, 512, "window length in tokens (capped at the model's limit)",
                         check=lambda v: None if v >= 2 else "must be at least 2"),
         "limit": Param(int, None, "number of windows (default: the run's --limit, else all)",
                        check=lambda v: None if v > 0 else "must be positive"),
+        "reference": Param(str, "float32", "dtype of the unquantized reference model (float16 halves its "
+                           "memory on a GPU)", choices=tuple(REFERENCE_DTYPES)),
     }
 
     def check_dataset(self, source, tokens: int, max_length: int) -> str | None:
@@ -98,7 +101,8 @@ class FidelitySuite(Suite):
             raise QBenchError(f"dataset {ctx.dataset.name} has {ids.numel()} tokens, fewer than one window of "
                               f"{seqlen}; use fidelity:seqlen=N with a smaller N")
         used = available if limit is None else min(available, limit)
-        reference = load_reference(ctx.model_info, ctx.device)
+        ref_name = self.values["reference"]
+        reference = load_reference(ctx.model_info, ctx.device, REFERENCE_DTYPES[ref_name])
         kls, agrees, ref_nll, quant_nll = [], [], 0.0, 0.0
         start = time.perf_counter()
         for w in range(used):
@@ -114,13 +118,13 @@ class FidelitySuite(Suite):
         if not (torch.isfinite(kl).all() and math.isfinite(quant_nll)):
             raise QBenchError(f"non-finite KL in {int((~torch.isfinite(kl)).sum())} tokens: "
                               f"the quantized model's outputs are NaN/Inf")
-        protocol = f"{ctx.dataset.name}/fidelity-s{seqlen}-vs-fp32"
+        protocol = f"{ctx.dataset.name}/fidelity-s{seqlen}-vs-{_SHORT[ref_name]}"
         if used < available:
             protocol += f"/first-{used}"
             ctx.notes.append(f"fidelity over the first {used} of {available} windows (--limit); "
                              f"pass --limit all for the whole text")
         ctx.extra["protocol"] = protocol
-        ctx.extra["reference"] = {"model": reference_spec(ctx.model_info), "dtype": "float32",
+        ctx.extra["reference"] = {"model": reference_spec(ctx.model_info), "dtype": ref_name,
                                   "device": str(ctx.device)}
         ctx.extra["windows"] = {"used": used, "available": available, "tokens": int(ids.numel()),
                                 "dropped_tail_tokens": int(ids.numel() - available * seqlen)}

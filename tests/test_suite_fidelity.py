@@ -87,6 +87,16 @@ def test_too_short_text_is_a_clear_error():
         FidelitySuite(seqlen=64).measure(ctx)
     with pytest.raises(QBenchError, match="seqlen"):
         FidelitySuite(seqlen=1)
+    with pytest.raises(QBenchError, match="valid values: float32, float16, bfloat16"):
+        FidelitySuite(reference="int8")
+
+
+def test_half_precision_reference():
+    model, loaded = quantized("fp32", {})
+    ctx = context(model, loaded, limit=1)
+    m = FidelitySuite(seqlen=64, reference="bfloat16").measure(ctx)
+    assert 0 < m["kl_mean"].value < 0.01  # bf16 rounding of the reference only
+    assert ctx.extra["protocol"] == "mytext.txt/fidelity-s64-vs-bf16/first-1"
 
 
 def test_qbench_run_on_a_users_text_file(tmp_path):
