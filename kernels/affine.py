@@ -225,6 +225,12 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack_codes(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     """Inverse of :func:`pack_codes`: ``[rows, cols]`` uint8 codes."""
     rows = packed.shape[0]
+    if 8 % bits == 0:
+        # Codes never straddle a byte (2, 4, 8 bits): shifts alone, no gather (the CPU hot path).
+        per_byte = 8 // bits
+        shifts = torch.arange(per_byte, device=packed.device, dtype=torch.uint8) * bits
+        codes = (packed.unsqueeze(-1) >> shifts) & (2**bits - 1)
+        return codes.reshape(rows, -1)[:, :cols].to(torch.uint8)
     bitpos = torch.arange(cols, device=packed.device) * bits
     byte, shift = bitpos // 8, bitpos % 8
     stream = torch.cat([packed.to(torch.int32), torch.zeros((rows, 1), dtype=torch.int32, device=packed.device)], 1)

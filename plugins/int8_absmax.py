@@ -167,6 +167,7 @@ def observe_activation_absmax(model: nn.Module, windows: torch.Tensor, names: li
 
 class Int8Absmax(Method):
     name = "int8-absmax"
+    nominal_bits = 8  # the code width, for the notes' bytes-per-parameter table
     description = ("Symmetric absmax INT8 (LLM.int8()-style vector-wise quantization without outlier decomposition): "
                    "W8A16, or W8A8 with dynamic per-token or static calibrated activation scales")
     params = {

@@ -122,6 +122,7 @@ def _check_blocksize(value: int) -> str | None:
 
 class NF4Method(Method):
     name = "nf4"
+    nominal_bits = 4  # the code width, for the notes' bytes-per-parameter table
     description = "4-bit NormalFloat/FP4 blockwise, double-quantized absmax (QLoRA; bit-compatible with bitsandbytes)"
     params = {
         "blocksize": Param(int, 64, "weights per absmax block", check=_check_blocksize),

@@ -151,6 +151,7 @@ class NF4FrozenLinear(_NF4State, QuantizedLinear):
 
 class QLoRAMethod(Method):
     name = "qlora"
+    nominal_bits = 4  # the code width of the frozen base
     description = ("QLoRA: NF4 + double-quantized frozen base, LoRA adapters fine-tuned with gradient "
                    "checkpointing and a paged AdamW in a train stage")
     params = {

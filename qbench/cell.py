@@ -69,7 +69,10 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     after = None
     if getattr(method, "can_train", False):
         def after(model):
-            return _jsonable_metrics(method.train(model, loaded.tokenizer, calibration_factory()))
+            out = cell.get("out")
+            where = {"output_dir": str(Path(out) / "adapters" / f"{cell['model']}-{method.label}".replace("/", "_"))} if out else {}
+            return _jsonable_metrics(method.train(model, loaded.tokenizer, calibration_factory(),
+                                                  model_name=loaded.info.get("source", cell["model"]), **where))
 
     def build():
         fresh = load_model(cell["model"], dtype=dtype, device=device, trust_remote_code=cell.get("trust_remote_code", False))

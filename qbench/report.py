@@ -21,6 +21,8 @@ BASELINES = ("fp16", "bf16", "fp32")
 # (suite, metric) -> column title, in leaderboard order
 COLUMNS = [
     ("memory", "bits_per_weight", "bits/weight"),
+    ("memory", "bytes_per_weight", "bytes/weight"),
+    ("memory", "seed_claim_bytes_per_param", "notes' bytes/param"),
     ("memory", "quantized_layer_bytes", "quantized layers (MiB)"),
     ("memory", "model_bytes", "model (MiB)"),
     ("memory", "peak_memory", "peak mem (MiB)"),
@@ -53,6 +55,9 @@ def load_frame(run_dir: Path) -> pd.DataFrame:
             "dtype": (rec.get("dtype") or {}).get("computed"),
             "quantize_s": (rec.get("quantization") or {}).get("quantize_s"),
             "notes": rec.get("notes", []),
+            "env": rec.get("env"),
+            "kernel_paths": ",".join(rec.get("kernel_paths") or []),
+            "finished_at": rec.get("finished_at"),
         }
         for name, metric in (rec.get("metrics") or {}).items():
             row[f"{rec['suite']['name']}.{name}"] = metric.get("value") if isinstance(metric, dict) else metric
@@ -72,6 +77,8 @@ def leaderboard(frame: pd.DataFrame) -> pd.DataFrame:
             if value is not None and metric in MIB_METRICS:
                 value = round(float(value) / 2**20, 2)
             row[title] = value
+        paths = sorted({p for v in group["kernel_paths"].dropna() for p in v.split(",") if p})
+        row["kernels"] = ",".join(paths) or None
         q = group["quantize_s"].dropna()
         row["quantize (s)"] = round(float(q.iloc[0]), 1) if len(q) else None
         problems = [f"{r.suite}: {r.status}" + (f" ({r.message})" if r.message else "")
@@ -89,9 +96,9 @@ def leaderboard(frame: pd.DataFrame) -> pd.DataFrame:
         deltas["decode speed-up"].append(_delta(base, r, "decode b1 (tok/s)", lambda a, b: round(b / a, 3) if a else None))
     for name, values in deltas.items():
         board[name] = values
-    order = ["model", "method", "bits/weight", "quantized layers (MiB)", "memory vs fp16", "model (MiB)",
+    order = ["model", "method", "bits/weight", "bytes/weight", "notes' bytes/param", "quantized layers (MiB)", "memory vs fp16", "model (MiB)",
              "peak mem (MiB)", "ppl", "ppl Δ vs fp16", "prefill b1 (ms)", "decode b1 (tok/s)",
-             "decode speed-up", "quantize (s)", "status"]
+             "decode speed-up", "quantize (s)", "kernels", "status"]
     return board[[c for c in order if c in board.columns]]
 
 
@@ -125,6 +132,16 @@ def context_lines(frame: pd.DataFrame, run_dir: Path) -> list[str]:
     devices = sorted({d for d in frame["device"].dropna()})
     if devices:
         lines.append("device: " + ", ".join(devices))
+    envs = frame["env"].dropna().tolist() if "env" in frame else []
+    if envs:
+        e = envs[-1]
+        commit = (e.get("git") or {}).get("commit")
+        lines.append(f"versions: python {e.get('python')}, torch {e.get('torch')}, triton {e.get('triton')}, "
+                     f"transformers {e.get('transformers')}; qbench commit {commit[:10] if commit else 'unknown'}"
+                     + (" (dirty)" if (e.get("git") or {}).get("dirty") else ""))
+    finished = sorted(frame["finished_at"].dropna()) if "finished_at" in frame else []
+    if finished:
+        lines.append(f"recorded: {finished[0]} to {finished[-1]}")
     dtypes = sorted({d for d in frame["dtype"].dropna()})
     if dtypes:
         lines.append("compute dtype: " + ", ".join(dtypes))
@@ -137,6 +154,28 @@ def context_lines(frame: pd.DataFrame, run_dir: Path) -> list[str]:
     return lines
 
 
+def claim_lines(board: pd.DataFrame) -> list[str]:
+    """Verdicts on the notes' (shared/seeds) claims that this run measured."""
+    lines = []
+    for r in board.to_dict("records"):
+        measured, claim = r.get("bytes/weight"), r.get("notes' bytes/param")
+        if _present(measured) and _present(claim):
+            off = 100 * (measured / claim - 1)
+            verdict = "holds" if abs(off) <= 15 else "does not hold"
+            lines.append(f"claim '{claim:g} bytes per parameter' for {r['method']} on {r['model']}: measured "
+                         f"{measured:.4g} bytes/weight in the quantized layers ({off:+.1f}%): {verdict} (within 15%)")
+        delta = r.get("ppl Δ vs fp16")
+        if str(r["method"]).startswith("gptq") and _present(delta):
+            verdict = "holds" if delta < 0.1 else "does not hold"
+            lines.append(f"claim 'GPTQ loses <0.1 perplexity' for {r['method']} on {r['model']}: "
+                         f"measured Δ {delta:+.3f}: {verdict}")
+    return lines
+
+
+def _present(v) -> bool:
+    return v is not None and not (isinstance(v, float) and pd.isna(v))
+
+
 def render(run_dir: Path, fmt: str) -> str:
     frame = load_frame(run_dir)
     board = leaderboard(frame)
@@ -147,7 +186,11 @@ def render(run_dir: Path, fmt: str) -> str:
                            "context": context_lines(frame, run_dir)}, indent=1)
     if fmt == "md":
         table = board.to_markdown(index=False, floatfmt="g")
-        return table + "\n\n" + "\n".join(f"- {line}" for line in context_lines(frame, run_dir)) + "\n"
+        claims = claim_lines(board)
+        text = table + "\n\n" + "\n".join(f"- {line}" for line in context_lines(frame, run_dir)) + "\n"
+        if claims:
+            text += "\nThe notes' claims, as measured here:\n\n" + "\n".join(f"- {c}" for c in claims) + "\n"
+        return text
     if fmt == "html":
         from qbench.report_html import render_html
 

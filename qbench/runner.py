@@ -113,7 +113,7 @@ def plan(config: RunConfig) -> list[dict[str, Any]]:
                     "calibration": config.calibration if getattr(method, "needs_calibration", False) else None,
                 }
                 cell["id"] = cell_id(cell)
-                cell.update({"data_dir": config.data_dir, "trust_remote_code": config.trust_remote_code,
+                cell.update({"out": str(config.out), "data_dir": config.data_dir, "trust_remote_code": config.trust_remote_code,
                              "use_cache": config.use_cache, "threads": config.threads})
                 cells.append(cell)
     seen = set()

@@ -62,9 +62,9 @@ class LatencySuite(Suite):
     description = "Prefill latency and decode tokens/s (median, p90) at several batch sizes"
     params = {
         "prompt_len": Param(int, 128, "prompt tokens", check=lambda v: None if v > 0 else "must be positive"),
-        "new_tokens": Param(int, 32, "decoded tokens", check=lambda v: None if v > 0 else "must be positive"),
+        "new_tokens": Param(int, 16, "decoded tokens", check=lambda v: None if v > 0 else "must be positive"),
         "batch_sizes": Param(str, "1+4", "batch sizes joined by '+'", check=_check_batch_sizes),
-        "repeats": Param(int, 5, "timed repeats", check=lambda v: None if v > 0 else "must be positive"),
+        "repeats": Param(int, 3, "timed repeats", check=lambda v: None if v > 0 else "must be positive"),
         "warmup": Param(int, 1, "untimed warm-up runs", check=lambda v: None if v >= 0 else "must be >= 0"),
     }
 
