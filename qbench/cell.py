@@ -14,7 +14,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from qbench.params import QBenchError
+from qbench.params import QBenchError, QBenchSkip
 
 
 def _jsonable_metrics(metrics: dict) -> dict:
@@ -117,6 +117,8 @@ def main(argv: list[str]) -> int:
         torch.set_num_threads(int(cell["threads"]))
     try:
         result = run_cell(cell)
+    except QBenchSkip as exc:
+        result = {"status": "skipped", "message": str(exc)}
     except QBenchError as exc:
         result = {"status": "error", "message": str(exc)}
     except MemoryError:

@@ -128,3 +128,8 @@ def label(name: str, params: dict[str, Any], defaults: dict[str, Param]) -> str:
 
 def _fmt(v: Any) -> str:
     return str(v).lower() if isinstance(v, bool) else str(v)
+
+
+class QBenchSkip(QBenchError):
+    """Raised by a method or suite that cannot run in this setting (e.g. a peer library without
+    support for the device): the cell is recorded ``status=skipped`` with this message."""

@@ -20,7 +20,7 @@ from torch import nn
 
 import qbench
 from qbench.method import Method, QuantizedLinear, replace_linears
-from qbench.params import Param, QBenchError
+from qbench.params import Param, QBenchError, QBenchSkip
 
 try:
     import bitsandbytes as bnb
@@ -43,7 +43,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def check_device(device: torch.device, method: str) -> None:
     """Run a tiny quantize/dequantize on ``device`` with bitsandbytes; a clear error if it cannot."""
     if bnb is None:
-        raise QBenchError(f"method {method} needs bitsandbytes, which does not import here ({IMPORT_ERROR}); "
+        raise QBenchSkip(f"method {method} needs bitsandbytes, which does not import here ({IMPORT_ERROR}); "
                           f"pip install 'bitsandbytes>=0.50'")
     try:
         probe = torch.ones(4, 64, device=device)
@@ -51,7 +51,7 @@ def check_device(device: torch.device, method: str) -> None:
         bnbf.dequantize_4bit(packed, state)
     except Exception as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise QBenchError(f"method {method}: bitsandbytes {bnb.__version__} cannot run on {device} ({first}); "
+        raise QBenchSkip(f"method {method}: bitsandbytes {bnb.__version__} cannot run on {device} ({first}); "
                           f"use our own methods there, or a device bitsandbytes supports") from None
 
 
