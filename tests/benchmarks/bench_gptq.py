@@ -9,23 +9,15 @@ import torch
 
 from qbench.kernels.gptq_matmul import gptq_matmul
 from qbench.kernels.gptq_pack import pack_gptq
+from tests.benchmarks.cuda_timer import cuda_seconds
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (in_features, out_features), Llama-7B-like
 
 
-def _cuda_ms(fn, iters=50, warmup=10):
-    for _ in range(warmup):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
+def _cuda_ms(fn, iters=50, warmup=10) -> float:
+    return 1000 * cuda_seconds(fn, iters, warmup)
 
 
 def _layer(K, N, bits, group_size, act_order):

@@ -11,6 +11,7 @@ import torch
 from qbench.kernels import absmax, affine
 from qbench.kernels.dequant_matmul import affine_weight_matmul, int8_weight_matmul
 from qbench.kernels.int8_matmul import int8_matmul
+from tests.benchmarks.cuda_timer import cuda_seconds
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -19,17 +20,7 @@ BATCHES = [1, 16, 128]
 AFFINE = [(4, 128), (3, 128), (8, -1)]  # (bits, group_size)
 
 
-def _cuda_time(fn, iters=50, warmup=10) -> float:
-    for _ in range(warmup):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1000 / iters
+_cuda_time = cuda_seconds
 
 
 def _record(benchmark, fn, fp16_fn, moved_bytes):

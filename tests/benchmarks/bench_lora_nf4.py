@@ -11,6 +11,7 @@ import torch
 
 from qbench.kernels.lora_nf4 import lora_nf4_linear
 from qbench.kernels.nf4 import quantize_nf4
+from tests.benchmarks.cuda_timer import cuda_seconds
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -20,16 +21,7 @@ RANK = 64
 
 
 def _cuda_time(fn, iters=30, warmup=5) -> float:
-    for _ in range(warmup):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1000 / iters
+    return cuda_seconds(fn, iters, warmup)
 
 
 @pytest.fixture(scope="module")

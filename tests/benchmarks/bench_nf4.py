@@ -10,6 +10,7 @@ import torch
 
 from qbench.kernels.nf4 import dequantize_nf4, quantize_nf4
 from qbench.kernels.nf4_matmul import nf4_matmul, nf4_matmul_grad_input
+from tests.benchmarks.cuda_timer import cuda_seconds
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -17,18 +18,7 @@ SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (out_features, in_featu
 BATCHES = [1, 16, 128]
 
 
-def _cuda_time(fn, iters=50, warmup=10) -> float:
-    """Mean seconds per call, by CUDA events."""
-    for _ in range(warmup):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1000 / iters
+_cuda_time = cuda_seconds
 
 
 @pytest.fixture(scope="module")
