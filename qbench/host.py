@@ -26,12 +26,16 @@ BUILTIN_PLUGINS = [
     "qbench.plugins.gptq",
     "qbench.plugins.lora",
     "qbench.plugins.qlora",
+    "qbench.plugins.peer_torchao",
+    "qbench.plugins.peer_quanto",
+    "qbench.plugins.peer_hqq",
     "qbench.suites.memory",
     "qbench.suites.latency",
     "qbench.suites.perplexity",
     "qbench.suites.checkpointing",
     "qbench.suites.fidelity",
     "qbench.executors",
+    "qbench.executor_ray",
 ]
 
 _pm: pluggy.PluginManager | None = None

@@ -185,7 +185,8 @@ def render(run_dir: Path, fmt: str) -> str:
         return json.dumps({"leaderboard": json.loads(board.to_json(orient="records")),
                            "context": context_lines(frame, run_dir)}, indent=1)
     if fmt == "md":
-        table = board.to_markdown(index=False, floatfmt="g")
+        shown = board.astype(object).where(board.notna(), None)  # a value not measured is blank, not "nan"
+        table = shown.to_markdown(index=False, floatfmt="g", missingval="")
         claims = claim_lines(board)
         text = table + "\n\n" + "\n".join(f"- {line}" for line in context_lines(frame, run_dir)) + "\n"
         if claims:

@@ -255,7 +255,7 @@ def make_record(cell: dict, result: dict, env: dict, duration: float) -> dict[st
         "timings": result.get("timings", {}),
         "duration_s": round(duration, 3),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "env": env,
+        "env": result.get("env") or env,  # a remote executor reports the worker's environment
     }
     if record["status"] != "ok":
         record["message"] = result.get("message", "unknown error")
