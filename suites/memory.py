@@ -27,9 +27,13 @@ SEED_BYTES_PER_PARAM = {32: 4.0, 16: 2.0, 8: 1.0, 4: 0.5}
 def model_bytes(model: torch.nn.Module) -> int:
     """Bytes of every tensor the model holds, each tensor once (tied embeddings share one)."""
     tensors = []
-    for module in model.modules():
+    inside: set[int] = set()  # modules held inside a QuantizedLinear: its stored_tensors() cover them
+    for module in model.modules():  # parents come before their children
+        if id(module) in inside:
+            continue
         if isinstance(module, QuantizedLinear):
             tensors.extend(module.stored_tensors().values())
+            inside.update(id(m) for m in module.modules())
             continue
         tensors.extend(module.parameters(recurse=False))
         tensors.extend(b for b in module.buffers(recurse=False) if b is not None)
