@@ -1,8 +1,12 @@
 """Fused NF4/FP4 dequantize-matmul: ``y = x @ W.T`` and the input gradient ``g @ W`` read the
 packed 4-bit codes directly (``kernels/nf4.py`` layout) and never materialise the fp16 weight.
 
-* ``_nf4_gemv_kernel``: small batches (the decode path). Each program owns ``BLOCK_J`` outputs
-  of one input row and streams the packed weight once, reducing in fp32 registers.
+* ``_nf4_gemv_aligned_kernel``: the decode fast path (forward, small batches, every weight row
+  made of whole quantization blocks, as in every Llama-shaped layer): packed bytes are read as
+  bytes and each block's absmax once, ``code * x`` summed per block before scaling.
+* ``_nf4_gemv_kernel``: the other small-batch cases (the backward, rows that end mid-block). Each
+  program owns ``BLOCK_J`` outputs of one input row and streams the packed weight once, reducing
+  in fp32 registers.
 * ``_nf4_gemm_kernel``: larger batches. A ``[BLOCK_M, BLOCK_R]`` tile of the input meets a
   ``[BLOCK_R, BLOCK_J]`` tile of the weight dequantized in registers (to the input dtype, as
   bitsandbytes dequantizes to the compute dtype), accumulated with ``tl.dot`` in fp32.
@@ -78,6 +82,50 @@ if HAS_TRITON:
         tl.store(out_ptr + row * stride_om + offs_j, acc.to(out_ptr.dtype.element_ty), mask=mask_j)
 
     @triton.jit
+    def _block_scale(absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr, block, mask,
+                     DOUBLE_QUANT: tl.constexpr):
+        """The fp32 absmax of quantization blocks ``block`` (undoing double quantization)."""
+        if DOUBLE_QUANT:
+            q8 = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+            scale = tl.load(nested_map_ptr + q8) * tl.load(nested_absmax_ptr + block // 256, mask=mask, other=0.0)
+            return tl.where(mask, scale + tl.load(offset_ptr), 0.0)
+        return tl.load(absmax_ptr + block, mask=mask, other=0.0)
+
+    @triton.jit
+    def _nf4_gemv_aligned_kernel(x_ptr, out_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr,
+                                 offset_ptr, code_ptr, R, J, stride_xm, stride_om,
+                                 BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BLOCK_J: tl.constexpr,
+                                 STEP: tl.constexpr, SUB: tl.constexpr, UPCAST_BF16: tl.constexpr):
+        """Forward GEMV when every weight row holds whole quantization blocks (``R % BLOCKSIZE == 0``).
+
+        Each step reads ``STEP`` packed bytes per output row as bytes (two codes each, split into
+        the even and odd inputs), sums ``code * x`` over pieces of ``SUB`` bytes that lie in one
+        quantization block, and applies that block's absmax once per piece instead of per weight.
+        """
+        NPIECE: tl.constexpr = STEP // SUB
+        row = tl.program_id(0)
+        offs_j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+        mask_j = offs_j < J
+        row_bytes = R // 2
+        blocks_per_row = R // BLOCKSIZE
+        acc = tl.zeros([BLOCK_J], dtype=tl.float32)
+        for b0 in range(0, row_bytes, STEP):
+            offs_b = b0 + tl.arange(0, STEP)
+            mask_b = offs_b < row_bytes
+            byte = tl.load(packed_ptr + offs_j.to(tl.int64)[:, None] * row_bytes + offs_b[None, :],
+                           mask=mask_j[:, None] & mask_b[None, :], other=0).to(tl.int32)
+            x_even = tl.load(x_ptr + row * stride_xm + 2 * offs_b, mask=mask_b, other=0.0).to(tl.float32)
+            x_odd = tl.load(x_ptr + row * stride_xm + 2 * offs_b + 1, mask=mask_b, other=0.0).to(tl.float32)
+            part = tl.load(code_ptr + (byte >> 4)) * x_even[None, :] + tl.load(code_ptr + (byte & 15)) * x_odd[None, :]
+            sums = tl.sum(tl.reshape(part, [BLOCK_J, NPIECE, SUB]), axis=2)
+            piece_start = b0 + tl.arange(0, NPIECE) * SUB  # first byte of each piece in the row
+            block = offs_j.to(tl.int64)[:, None] * blocks_per_row + (2 * piece_start // BLOCKSIZE)[None, :]
+            scale = _block_scale(absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr, block,
+                                 mask_j[:, None] & (piece_start < row_bytes)[None, :], DOUBLE_QUANT)
+            acc += tl.sum(sums * scale, axis=1)
+        tl.store(out_ptr + row * stride_om + offs_j, acc.to(out_ptr.dtype.element_ty), mask=mask_j)
+
+    @triton.jit
     def _nf4_gemm_kernel(x_ptr, out_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr,
                          code_ptr, M, R, J, stride_r, stride_j, stride_xm, stride_om,
                          BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
@@ -103,7 +151,16 @@ if HAS_TRITON:
         tl.store(out_ptr + offs_m[:, None] * stride_om + offs_j[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=mask_m[:, None] & mask_j[None, :])
 
+    # A piece never crosses a quantization block: SUB divides BLOCKSIZE // 2 (both powers of two).
+    _nf4_gemv_aligned_kernel = triton.heuristics(
+        {"SUB": lambda meta: min(meta["STEP"], meta["BLOCKSIZE"] // 2)})(_nf4_gemv_aligned_kernel)
+
     if not INTERPRET:  # autotune on GPU; the interpreter gets one fixed config (see _launch)
+        _nf4_gemv_aligned_kernel = triton.autotune(
+            configs=[triton.Config({"BLOCK_J": bj, "STEP": st}, num_warps=w)
+                     for bj, st, w in [(16, 128, 4), (32, 64, 4), (32, 128, 4), (64, 64, 4), (16, 256, 8),
+                                       (32, 256, 8)]],
+            key=["R", "J", "BLOCKSIZE", "DOUBLE_QUANT"])(_nf4_gemv_aligned_kernel)
         _nf4_gemv_kernel = triton.autotune(
             configs=[triton.Config({"BLOCK_J": bj, "BLOCK_R": br}, num_warps=w)
                      for bj, br, w in [(16, 256, 4), (32, 256, 4), (64, 128, 4), (16, 512, 8), (32, 512, 8)]],
@@ -131,7 +188,12 @@ def _launch(x2d: torch.Tensor, q: NF4Tensor, R: int, J: int, stride_r: int, stri
     state = (q.packed, q.absmax, q.nested_absmax if q.double_quant else dummy, q.nested_code,
              q.offset if q.double_quant else dummy, q.code)
     common = dict(BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, UPCAST_BF16=UPCAST_BF16)
-    if M <= GEMV_MAX_ROWS:
+    if M <= GEMV_MAX_ROWS and stride_r == 1 and stride_j == R and R % q.blocksize == 0:
+        # forward with whole blocks per row: bytes and absmax loaded once (the decode fast path)
+        fixed = dict(BLOCK_J=8, STEP=16) if INTERPRET else {}
+        grid = lambda meta: (M, cdiv(J, meta["BLOCK_J"]))  # noqa: E731
+        _nf4_gemv_aligned_kernel[grid](x_in, out, *state, R, J, x_in.stride(0), out.stride(0), **common, **fixed)
+    elif M <= GEMV_MAX_ROWS:
         fixed = dict(BLOCK_J=16, BLOCK_R=32) if INTERPRET else {}
         grid = lambda meta: (M, cdiv(J, meta["BLOCK_J"]))  # noqa: E731
         _nf4_gemv_kernel[grid](x_in, out, *state, R, J, stride_r, stride_j, x_in.stride(0), out.stride(0),

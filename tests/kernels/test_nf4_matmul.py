@@ -43,6 +43,24 @@ def test_forward_and_grad_input_match_reference(rows, dtype, out_f, in_f, blocks
     _close(gx, nf4_matmul_grad_input_reference(g.float(), q), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("out_f,in_f,blocksize,double_quant,quant_type", [
+    (13, 64, 32, True, "nf4"),      # whole blocks per row: the aligned decode kernel
+    (9, 192, 64, False, "fp4"),     # a step of 16 bytes covers pieces of two blocks
+    (7, 256, 128, True, "nf4"),
+    (5, 4096 * 2, 4096, True, "nf4"),  # blocks larger than a step
+    (300, 128, 64, True, "nf4"),    # more than 256 blocks: several nested absmax values
+])
+def test_aligned_gemv_matches_reference(dtype, out_f, in_f, blocksize, double_quant, quant_type):
+    q, gen = _case(out_f, in_f, blocksize, double_quant, quant_type, seed=in_f, zero_rows=True)
+    for rows in (1, GEMV_MAX_ROWS):
+        x = torch.randn(rows, in_f, generator=gen).to(dtype)
+        y = nf4_matmul(x, q)
+        assert y.dtype == dtype and y.shape == (rows, out_f)
+        _close(y, nf4_matmul_reference(x.float(), q), dtype)
+        assert torch.all(y[:, :2] == 0)
+
+
 def test_batched_leading_dims():
     q, gen = _case(20, 50, 32, True, "nf4")
     x = torch.randn(2, 3, 50, generator=gen)
