@@ -75,12 +75,17 @@ class RayExecutor(Executor):
 
     def __init__(self, log_dir: Path | None = None, timeout_s: float | None = None):
         super().__init__(log_dir, timeout_s)
+        self.check_available()
+        self.cpus = _cpus_per_cell()
+
+    @classmethod
+    def check_available(cls) -> None:
         try:
             import ray  # noqa: F401
         except ImportError:
             raise QBenchError("executor ray needs the ray package: pip install 'qbench-quant[ray]' "
                               "(or use --executor local)") from None
-        self.cpus = _cpus_per_cell()
+        _cpus_per_cell()
 
     def _resources(self, cell: dict[str, Any]) -> dict[str, float]:
         if str(cell.get("device", "cpu")).startswith("cuda"):

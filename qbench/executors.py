@@ -27,6 +27,10 @@ class Executor:
         self.log_dir = log_dir
         self.timeout_s = timeout_s
 
+    @classmethod
+    def check_available(cls) -> None:
+        """Raise QBenchError (one line: what is missing, what to do) if this executor cannot run here."""
+
     def run(self, cells: list[dict[str, Any]], on_start: Callable[[dict], None], on_result: ResultCallback) -> None:
         """Run every cell; call ``on_start(cell)`` before and ``on_result(cell, result)`` after each.
         ``result`` is the cell's JSON result: status ok|error|skipped, metrics, message..."""

@@ -95,6 +95,10 @@ def plan(config: RunConfig) -> list[dict[str, Any]]:
                     raise QBenchError(problem)
     if any(getattr(m, "needs_calibration", False) for m in methods):
         load_text(config.calibration, data_dir=config.data_dir)
+    executors = host.executors()
+    if config.executor not in executors:
+        raise QBenchError(f"unknown executor {config.executor!r}; valid executors: {', '.join(sorted(executors))}")
+    executors[config.executor].check_available()
     check_output_dir(config.out)
 
     cells = []
@@ -197,13 +201,10 @@ def execute(config: RunConfig, argv: list[str] | None = None) -> dict[str, Any]:
     repair_torn_tail(records_path)
     done = {cid for cid, rec in latest_records(records_path).items() if rec.get("status") in ("ok", "skipped")}
     todo = [c for c in cells if c["id"] not in done]
-    _write_run_json(config, cells, argv or [])
-    executors = host.executors()
-    if config.executor not in executors:
-        raise QBenchError(f"unknown executor {config.executor!r}; valid executors: {', '.join(sorted(executors))}")
     log_dir = config.out / "logs"
+    executor = host.executors()[config.executor](log_dir=log_dir)
+    _write_run_json(config, cells, argv or [])
     log_dir.mkdir(exist_ok=True)
-    executor = executors[config.executor](log_dir=log_dir)
     env = environment(config.device)
     progress = Progress(len(cells), len(cells) - len(todo))
     failed: list[str] = []

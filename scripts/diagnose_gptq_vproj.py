@@ -68,15 +68,22 @@ def main() -> None:
             ("GPTQ everywhere but v_proj (RTN there)", with_weights(lambda n: rtn[n] if n.endswith("v_proj") else gptq[n])),
             ("GPTQ in v_proj only (RTN elsewhere)", with_weights(lambda n: gptq[n] if n.endswith("v_proj") else rtn[n]))]
 
-    # per-token output error of v_proj on the fp32 model's own inputs (first window)
+    # output errors on the fp32 model's own inputs (first window): every layer, then v_proj per token
+    for name, linear in quantizable_linears(model):
+        linear.weight.data = original[name]
     inputs: dict[str, torch.Tensor] = {}
     hooks = [l.register_forward_pre_hook(lambda m, a, _n=n: inputs.__setitem__(_n, a[0][0].detach()))
-             for n, l in quantizable_linears(model) if n.endswith("v_proj")]
-    with_weights(lambda n: original[n])
+             for n, l in quantizable_linears(model)]
+    with torch.no_grad():
+        model(windows[:1])
     for hook in hooks:
         hook.remove()
-    first, rest = [], []
+    layer_ratio = {}
     for name, x in inputs.items():
+        layer_ratio[name] = float(((x @ (original[name] - gptq[name]).t()) ** 2).sum()
+                                  / ((x @ (original[name] - rtn[name]).t()) ** 2).sum())
+    first, rest = [], []
+    for name, x in ((n, x) for n, x in inputs.items() if n.endswith("v_proj")):
         err_gptq = ((x @ (original[name] - gptq[name]).t()) ** 2).sum(1)
         err_rtn = ((x @ (original[name] - rtn[name]).t()) ** 2).sum(1)
         first.append(float(err_gptq[0] / err_rtn[0]))
@@ -85,7 +92,11 @@ def main() -> None:
     env = environment("cpu")
     lines = [f"| weights | ppl (first {args.windows} WikiText-2 test windows of 2048) |", "|:--|--:|"]
     lines += [f"| {label} | {value:.3f} |" for label, value in rows]
-    lines += ["", f"v_proj output error, GPTQ / RTN, over the {len(inputs)} layers (first window, fp32 inputs):", "",
+    worse = sorted(n for n, r in layer_ratio.items() if r > 1)
+    lines += ["", f"Output error ‖(W − Ŵ)x‖², GPTQ / RTN, per layer on the first window (fp32 inputs): median "
+              f"{statistics.median(layer_ratio.values()):.2f}; GPTQ below RTN on {len(layer_ratio) - len(worse)} of "
+              f"{len(layer_ratio)} layers" + (f" (above: {', '.join(worse)})" if worse else "") + ".",
+              "", f"v_proj output error, GPTQ / RTN, over the {len(first)} layers (first window, fp32 inputs):", "",
               "| tokens | median | min | max |", "|:--|--:|--:|--:|",
               f"| first token of the window | {statistics.median(first):.2f} | {min(first):.2f} | {max(first):.2f} |",
               f"| all other tokens | {statistics.median(rest):.2f} | {min(rest):.2f} | {max(rest):.2f} |", "",

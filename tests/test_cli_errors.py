@@ -35,6 +35,7 @@ def check_one_line_error(result, *needles):
     (["--models", "/nonexistent-model-dir/x"], ["not found"]),
     (["--limit", "many"], ["--limit 'many'"]),
     (["--device", "tpu"], ["--device 'tpu' is not supported"]),
+    (["--executor", "slurm"], ["unknown executor 'slurm'", "local"]),
 ])
 def test_bad_run_arguments(tmp_path, args, needles):
     out = tmp_path / "out"
@@ -78,3 +79,14 @@ def test_report_of_missing_run(tmp_path):
     check_one_line_error(qbench_cli("report", str(tmp_path / "nope")), "does not exist")
     (tmp_path / "empty").mkdir()
     check_one_line_error(qbench_cli("report", str(tmp_path / "empty")), "no records.jsonl")
+
+
+def test_ray_executor_without_ray_says_how_to_install(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    out = tmp_path / "out"
+    result = qbench_cli("run", "--models", "tiny-llama", "--methods", "fp32", "--suites", "memory",
+                        "--executor", "ray", "--out", str(out))
+    check_one_line_error(result, "executor ray needs the ray package", "qbench-quant[ray]")
+    assert not out.exists()
