@@ -29,7 +29,12 @@ COLUMNS = [
     ("perplexity", "ppl", "ppl"),
     ("latency", "prefill_ms_b1", "prefill b1 (ms)"),
     ("latency", "decode_tok_s_b1", "decode b1 (tok/s)"),
+    ("fidelity", "kl_mean", "KL mean"),
+    ("fidelity", "kl_p99", "KL p99"),
+    ("fidelity", "top1_agreement", "top-1 agree"),
 ]
+# columns shown only when the run measured them (older tables keep their shape)
+OPTIONAL_COLUMNS = {"KL mean", "KL p99", "top-1 agree"}
 MIB_METRICS = {"quantized_layer_bytes", "model_bytes", "peak_memory"}
 
 
@@ -97,9 +102,10 @@ def leaderboard(frame: pd.DataFrame) -> pd.DataFrame:
     for name, values in deltas.items():
         board[name] = values
     order = ["model", "method", "bits/weight", "bytes/weight", "notes' bytes/param", "quantized layers (MiB)", "memory vs fp16", "model (MiB)",
-             "peak mem (MiB)", "ppl", "ppl Δ vs fp16", "prefill b1 (ms)", "decode b1 (tok/s)",
-             "decode speed-up", "quantize (s)", "kernels", "status"]
-    return board[[c for c in order if c in board.columns]]
+             "peak mem (MiB)", "ppl", "ppl Δ vs fp16", "KL mean", "KL p99", "top-1 agree", "prefill b1 (ms)",
+             "decode b1 (tok/s)", "decode speed-up", "quantize (s)", "kernels", "status"]
+    shown = [c for c in order if c in board.columns and not (c in OPTIONAL_COLUMNS and board[c].isna().all())]
+    return board[shown]
 
 
 def _baseline_row(board: pd.DataFrame, model: str) -> dict | None:

@@ -18,30 +18,6 @@ from typing import Any
 
 import pandas as pd
 
-# (suite, metric, column title): fidelity numbers added to the leaderboard when the run has them
-FIDELITY_COLUMNS = [
-    ("fidelity", "kl_mean", "KL mean"),
-    ("fidelity", "kl_p99", "KL p99"),
-    ("fidelity", "top1_agreement", "top-1 agree"),
-]
-
-
-def add_fidelity_columns(frame: pd.DataFrame, board: pd.DataFrame) -> pd.DataFrame:
-    """The leaderboard plus KL mean / p99 / top-1 agreement per model × method (only if measured)."""
-    cols = [(f"{s}.{m}", title) for s, m, title in FIDELITY_COLUMNS if f"{s}.{m}" in frame.columns]
-    if not cols or board.empty:
-        return board
-    board = board.copy()
-    for col, title in cols:
-        values = []
-        for r in board.itertuples():
-            group = frame[(frame["model"] == r.model) & (frame["method"] == r.method)][col].dropna()
-            values.append(float(group.iloc[-1]) if len(group) else None)
-        at = list(board.columns).index("status") if "status" in board.columns else len(board.columns)
-        board.insert(at, title, values)
-    return board
-
-
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and not (isinstance(v, float) and math.isnan(v))
 
@@ -183,7 +159,6 @@ def plots(board: pd.DataFrame) -> list[tuple[str, str]]:
 
 
 def render_html(frame: pd.DataFrame, board: pd.DataFrame, context: list[str], claims: list[str] | None = None) -> str:
-    board = add_fidelity_columns(frame, board)
     try:
         figures = plots(board)
         if figures:
