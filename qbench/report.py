@@ -130,8 +130,12 @@ def context_lines(frame: pd.DataFrame, run_dir: Path) -> list[str]:
     run_json = Path(run_dir) / "run.json"
     if run_json.is_file():
         run = json.loads(run_json.read_text())
-        if run.get("invocations"):
-            lines.append("command: `" + " ".join(run["invocations"][-1]["argv"]) + "`")
+        commands = []  # every distinct invocation that added cells to this run directory
+        for invocation in run.get("invocations") or []:
+            command = " ".join(invocation["argv"])
+            if command not in commands:
+                commands.append(command)
+        lines.extend(f"command: `{command}`" for command in commands)
     protocols = sorted({p for p in frame["protocol"].dropna()})
     if protocols:
         lines.append("perplexity protocol: " + ", ".join(protocols))
