@@ -65,6 +65,17 @@ def test_other_formats_still_work(tmp_path):
     assert "<table id='leaderboard'" in out.read_text()
 
 
+def test_fidelity_columns_in_every_format_only_when_measured(tmp_path):
+    with_kl = standard_run(tmp_path / "with")
+    rows = {r["method"]: r for r in json.loads(render(with_kl, "json"))["leaderboard"]}
+    assert rows["nf4"]["KL mean"] == 0.03 and rows["nf4"]["top-1 agree"] == 1 - 3 * 0.03
+    assert "KL p99" in render(with_kl, "csv").splitlines()[0]
+    assert "KL mean" in render(with_kl, "md").splitlines()[0]
+    without = standard_run(tmp_path / "without", with_fidelity=False)
+    assert "KL" not in render(without, "md").splitlines()[0]
+    assert "nan" not in render(without, "md").split("\n\n")[0]  # unmeasured values are blank
+
+
 CHROMIUM = Path("/usr/bin/chromium")
 
 
