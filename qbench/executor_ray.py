@@ -72,6 +72,7 @@ def group_key(cell: dict[str, Any]) -> tuple:
 
 class RayExecutor(Executor):
     name = "ray"
+    parallel = True
 
     def __init__(self, log_dir: Path | None = None, timeout_s: float | None = None):
         super().__init__(log_dir, timeout_s)

@@ -22,6 +22,7 @@ ResultCallback = Callable[[dict[str, Any], dict[str, Any]], None]
 
 class Executor:
     name = ""
+    parallel = False  # whether cells may run at the same time
 
     def __init__(self, log_dir: Path | None = None, timeout_s: float | None = None):
         self.log_dir = log_dir

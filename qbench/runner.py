@@ -157,8 +157,9 @@ def cell_label(cell: dict) -> str:
 class Progress:
     """rich progress on a terminal; plain lines otherwise."""
 
-    def __init__(self, total: int, done: int):
+    def __init__(self, total: int, done: int, parallel: bool = False):
         self.total, self.done = total, done
+        self.parallel = parallel  # cells start before earlier ones finish: no index on start lines
         self.started = time.monotonic()
         self.finished_here = 0
         self.rich = None
@@ -174,7 +175,8 @@ class Progress:
         if self.rich:
             self.rich.update(self.task, description=cell_label(cell))
         else:
-            print(f"[{self.done + 1}/{self.total}] {cell_label(cell)} ...", flush=True)
+            where = "[started]" if self.parallel else f"[{self.done + 1}/{self.total}]"
+            print(f"{where} {cell_label(cell)} ...", flush=True)
 
     def finish(self, cell: dict, record: dict) -> None:
         self.done += 1
@@ -206,7 +208,7 @@ def execute(config: RunConfig, argv: list[str] | None = None) -> dict[str, Any]:
     _write_run_json(config, cells, argv or [])
     log_dir.mkdir(exist_ok=True)
     env = environment(config.device)
-    progress = Progress(len(cells), len(cells) - len(todo))
+    progress = Progress(len(cells), len(cells) - len(todo), parallel=executor.parallel)
     failed: list[str] = []
     starts: dict[str, float] = {}
 
