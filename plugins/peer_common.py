@@ -27,15 +27,6 @@ def importable(module: str) -> bool:
         return False
 
 
-def library_version(distribution: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(distribution)
-    except PackageNotFoundError:
-        return None
-
-
 def plain_tensors(tensor: torch.Tensor, prefix: str) -> dict[str, torch.Tensor]:
     """The plain tensors inside a (possibly nested) tensor subclass, by attribute path."""
     if type(tensor) in (torch.Tensor, nn.Parameter) or not hasattr(tensor, "__tensor_flatten__"):

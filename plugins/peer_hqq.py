@@ -17,7 +17,8 @@ from torch import nn
 from qbench import hookimpl
 from qbench.method import Method, QuantizedLinear, replace_linears
 from qbench.params import Param, QBenchError
-from qbench.plugins.peer_common import check_finite, importable, library_version
+from qbench.records import distribution_version
+from qbench.plugins.peer_common import check_finite, importable
 
 
 class HQQPeerLinear(QuantizedLinear):
@@ -66,7 +67,7 @@ class HQQ(Method):
 
         config = BaseQuantizeConfig(nbits=self.values["bits"], group_size=self.values["group_size"])
         device = str(next(model.parameters()).device)
-        self.report["hqq"] = library_version("hqq")
+        self.report["hqq"] = distribution_version("hqq")
         self.report["quant_config"] = {k: v for k, v in config["weight_quant_params"].items()}
 
         def make(name: str, linear: nn.Linear) -> HQQPeerLinear:

@@ -11,7 +11,8 @@ from torch import nn
 
 from qbench import hookimpl
 from qbench.method import Method, replace_linears
-from qbench.plugins.peer_common import PeerTensorLinear, check_finite, importable, library_version
+from qbench.records import distribution_version
+from qbench.plugins.peer_common import PeerTensorLinear, check_finite, importable
 
 
 class _QuantoMethod(Method):
@@ -26,7 +27,7 @@ class _QuantoMethod(Method):
         from optimum.quanto import freeze, qint4, qint8, quantize
 
         weights = qint8 if self.bits == 8 else qint4
-        self.report["optimum-quanto"] = library_version("optimum-quanto")
+        self.report["optimum-quanto"] = distribution_version("optimum-quanto")
 
         def make(name: str, linear: nn.Linear) -> PeerTensorLinear:
             check_finite(name, linear, self.name)

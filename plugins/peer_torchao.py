@@ -16,7 +16,8 @@ from torch import nn
 from qbench import hookimpl
 from qbench.method import Method, replace_linears
 from qbench.params import Param, QBenchError, QBenchSkip
-from qbench.plugins.peer_common import PeerTensorLinear, check_finite, importable, library_version
+from qbench.records import distribution_version
+from qbench.plugins.peer_common import PeerTensorLinear, check_finite, importable
 
 GROUP_SIZES = (16, 32, 64, 128, 256)
 
@@ -46,7 +47,7 @@ class _TorchaoMethod(Method):
     def quantize(self, model: nn.Module, calibration=None) -> nn.Module:
         param = next(model.parameters())
         config, path = self.config_for(param.device, param.dtype)
-        self.report["torchao"] = library_version("torchao")
+        self.report["torchao"] = distribution_version("torchao")
         self.report["config"] = type(config).__name__
 
         def make(name: str, linear: nn.Linear) -> PeerTensorLinear:

@@ -50,11 +50,12 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _version(module: str) -> str | None:
+def distribution_version(distribution: str) -> str | None:
+    """The installed version of a distribution (``importlib.metadata``), or None."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        return version(module)
+        return version(distribution)
     except PackageNotFoundError:
         return None
 
@@ -64,11 +65,11 @@ def environment(device: str = "cpu") -> dict[str, Any]:
 
     env = {
         "python": platform.python_version(),
-        "qbench": _version("qbench-quant"),
+        "qbench": distribution_version("qbench-quant"),
         "torch": torch.__version__,
-        "triton": _version("triton"),
-        "transformers": _version("transformers"),
-        "datasets": _version("datasets"),
+        "triton": distribution_version("triton"),
+        "transformers": distribution_version("transformers"),
+        "datasets": distribution_version("datasets"),
         "platform": platform.platform(),
         "cpu": _cpu_name(),
         "cpu_count": os.cpu_count(),
