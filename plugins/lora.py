@@ -148,6 +148,16 @@ def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinearBase]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinearBase)]
 
 
+def train_only_adapters(model: nn.Module) -> nn.Module:
+    """Freeze every parameter of ``model`` except the LoRA A and B matrices."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _, module in lora_modules(model):
+        module.lora_A.requires_grad_(True)
+        module.lora_B.requires_grad_(True)
+    return model
+
+
 # ---------------------------------------------------------------------------------------------
 # Parameters shared by lora and qlora
 
@@ -221,12 +231,7 @@ def attach_lora(model: nn.Module, values: dict[str, Any], make) -> nn.Module:
     generator = torch.Generator().manual_seed(values["seed"])
     for name, linear in targets:
         set_submodule(model, name, make(name, linear, generator))
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for _, module in lora_modules(model):
-        module.lora_A.requires_grad_(True)
-        module.lora_B.requires_grad_(True)
-    return model
+    return train_only_adapters(model)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,8 +26,8 @@ from qbench.kernels.nf4 import (VALID_BLOCKSIZES, NF4Tensor, dequantize_nf4, deq
                                 quantize_nf4, quantize_nf4_reference)
 from qbench.method import Method, QuantizedLinear, quantizable_linears, set_submodule
 from qbench.params import Param
-from qbench.plugins.lora import (LORA_PARAMS, LoRALinearBase, adapter_location, lora_modules,
-                                 select_targets, train_lora)
+from qbench.plugins.lora import (LORA_PARAMS, LoRALinearBase, adapter_location,
+                                 select_targets, train_lora, train_only_adapters)
 
 def _quantize(w: torch.Tensor, blocksize: int, double_quant: bool, quant_type: str) -> NF4Tensor:
     # Modules use Triton on CUDA only: the interpreter is a correctness tool, far too slow for models.
@@ -176,12 +176,7 @@ class QLoRAMethod(Method):
                 q = _quantize(linear.weight, v["blocksize"], v["double_quant"], v["quant_type"])
                 module = NF4FrozenLinear(q, linear.bias)
             set_submodule(model, name, module)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for _, module in lora_modules(model):
-            module.lora_A.requires_grad_(True)
-            module.lora_B.requires_grad_(True)
-        return model
+        return train_only_adapters(model)
 
     def train(self, model: nn.Module, tokenizer, data, **train_params) -> dict[str, Any]:
         return train_lora(model, data, self.values, adapter_location(self.values, train_params),
