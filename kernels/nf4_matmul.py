@@ -7,11 +7,15 @@ packed 4-bit codes directly (``kernels/nf4.py`` layout) and never materialise th
 * ``_nf4_gemv_kernel``: the other small-batch cases (the backward, rows that end mid-block). Each
   program owns ``BLOCK_J`` outputs of one input row and streams the packed weight once, reducing
   in fp32 registers.
-* ``_nf4_gemm_kernel``: larger batches. A ``[BLOCK_M, BLOCK_R]`` tile of the input meets a
-  ``[BLOCK_R, BLOCK_J]`` tile of the weight dequantized in registers (to the input dtype, as
-  bitsandbytes dequantizes to the compute dtype), accumulated with ``tl.dot`` in fp32.
+* ``_nf4_gemm_aligned_kernel``: larger batches, same condition as the aligned GEMV: each packed
+  byte read once, its two nibbles multiplied with the even and odd input columns (two ``tl.dot``
+  per step), one absmax load per block piece.
+* ``_nf4_gemm_kernel``: larger batches otherwise (the backward, rows ending mid-block). A
+  ``[BLOCK_M, BLOCK_R]`` tile of the input meets a ``[BLOCK_R, BLOCK_J]`` tile of the weight
+  dequantized in registers (to the input dtype, as bitsandbytes dequantizes to the compute
+  dtype), accumulated with ``tl.dot`` in fp32.
 
-Both kernels address the weight by its flat row-major index ``r * stride_r + j * stride_j``
+The two general kernels address the weight by its flat row-major index ``r * stride_r + j * stride_j``
 (reduction index r, output index j), so the same code serves the forward (r = in feature,
 j = out feature) and the backward (r = out feature, j = in feature), and any shape: rows need not
 be multiples of the quantization block, and odd rows start mid-byte.
@@ -126,6 +130,51 @@ if HAS_TRITON:
         tl.store(out_ptr + row * stride_om + offs_j, acc.to(out_ptr.dtype.element_ty), mask=mask_j)
 
     @triton.jit
+    def _nf4_gemm_aligned_kernel(x_ptr, out_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr,
+                                 offset_ptr, code_ptr, M, R, J, stride_xm, stride_om,
+                                 BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BLOCK_M: tl.constexpr,
+                                 BLOCK_J: tl.constexpr, STEP: tl.constexpr, SUB: tl.constexpr,
+                                 UPCAST_BF16: tl.constexpr):
+        """Forward GEMM when every weight row holds whole quantization blocks (``R % BLOCKSIZE == 0``).
+
+        Per step, ``STEP`` packed bytes of ``BLOCK_J`` weight rows are read once; their high and low
+        nibbles are the even and odd input columns, each scaled by its block's absmax (one load per
+        piece of ``SUB`` bytes) and multiplied with the matching even/odd columns of the input tile.
+        """
+        NPIECE: tl.constexpr = STEP // SUB
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+        mask_m = offs_m < M
+        mask_j = offs_j < J
+        row_bytes = R // 2
+        blocks_per_row = R // BLOCKSIZE
+        acc = tl.zeros([BLOCK_M, BLOCK_J], dtype=tl.float32)
+        for b0 in range(0, row_bytes, STEP):
+            offs_b = b0 + tl.arange(0, STEP)
+            mask_b = offs_b < row_bytes
+            byte = tl.load(packed_ptr + offs_j.to(tl.int64)[:, None] * row_bytes + offs_b[None, :],
+                           mask=mask_j[:, None] & mask_b[None, :], other=0).to(tl.int32)
+            piece_start = b0 + tl.arange(0, NPIECE) * SUB
+            block = offs_j.to(tl.int64)[:, None] * blocks_per_row + (2 * piece_start // BLOCKSIZE)[None, :]
+            scale = _block_scale(absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr, block,
+                                 mask_j[:, None] & (piece_start < row_bytes)[None, :], DOUBLE_QUANT)
+            scale = tl.reshape(tl.broadcast_to(scale[:, :, None], [BLOCK_J, NPIECE, SUB]), [BLOCK_J, STEP])
+            w_even = tl.load(code_ptr + (byte >> 4)) * scale  # [BLOCK_J, STEP]: input columns 2b
+            w_odd = tl.load(code_ptr + (byte & 15)) * scale  # input columns 2b + 1
+            x_rows = x_ptr + offs_m[:, None] * stride_xm
+            mask_x = mask_m[:, None] & mask_b[None, :]
+            x_even = tl.load(x_rows + 2 * offs_b[None, :], mask=mask_x, other=0.0)
+            x_odd = tl.load(x_rows + 2 * offs_b[None, :] + 1, mask=mask_x, other=0.0)
+            if UPCAST_BF16:
+                acc += tl.dot(x_even.to(tl.float32), tl.trans(w_even))
+                acc += tl.dot(x_odd.to(tl.float32), tl.trans(w_odd))
+            else:
+                acc += tl.dot(x_even, tl.trans(w_even).to(x_even.dtype))
+                acc += tl.dot(x_odd, tl.trans(w_odd).to(x_odd.dtype))
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_j[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=mask_m[:, None] & mask_j[None, :])
+
+    @triton.jit
     def _nf4_gemm_kernel(x_ptr, out_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr,
                          code_ptr, M, R, J, stride_r, stride_j, stride_xm, stride_om,
                          BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
@@ -152,8 +201,9 @@ if HAS_TRITON:
                  mask=mask_m[:, None] & mask_j[None, :])
 
     # A piece never crosses a quantization block: SUB divides BLOCKSIZE // 2 (both powers of two).
-    _nf4_gemv_aligned_kernel = triton.heuristics(
-        {"SUB": lambda meta: min(meta["STEP"], meta["BLOCKSIZE"] // 2)})(_nf4_gemv_aligned_kernel)
+    _piece = triton.heuristics({"SUB": lambda meta: min(meta["STEP"], meta["BLOCKSIZE"] // 2)})
+    _nf4_gemv_aligned_kernel = _piece(_nf4_gemv_aligned_kernel)
+    _nf4_gemm_aligned_kernel = _piece(_nf4_gemm_aligned_kernel)
 
     if not INTERPRET:  # autotune on GPU; the interpreter gets one fixed config (see _launch)
         _nf4_gemv_aligned_kernel = triton.autotune(
@@ -165,6 +215,11 @@ if HAS_TRITON:
             configs=[triton.Config({"BLOCK_J": bj, "BLOCK_R": br}, num_warps=w)
                      for bj, br, w in [(16, 256, 4), (32, 256, 4), (64, 128, 4), (16, 512, 8), (32, 512, 8)]],
             key=["R", "J", "BLOCKSIZE", "DOUBLE_QUANT"])(_nf4_gemv_kernel)
+        _nf4_gemm_aligned_kernel = triton.autotune(
+            configs=[triton.Config({"BLOCK_M": bm, "BLOCK_J": bj, "STEP": st}, num_warps=w, num_stages=s)
+                     for bm, bj, st, w, s in [(16, 64, 32, 4, 3), (32, 64, 32, 4, 3), (64, 64, 32, 4, 3),
+                                              (64, 128, 32, 8, 3), (128, 128, 32, 8, 3), (128, 64, 64, 8, 3)]],
+            key=["M", "R", "J", "BLOCKSIZE", "DOUBLE_QUANT"])(_nf4_gemm_aligned_kernel)
         _nf4_gemm_kernel = triton.autotune(
             configs=[triton.Config({"BLOCK_M": bm, "BLOCK_J": bj, "BLOCK_R": br}, num_warps=w, num_stages=s)
                      for bm, bj, br, w, s in [(16, 64, 64, 4, 3), (32, 64, 64, 4, 3), (64, 64, 64, 4, 3),
@@ -188,7 +243,9 @@ def _launch(x2d: torch.Tensor, q: NF4Tensor, R: int, J: int, stride_r: int, stri
     state = (q.packed, q.absmax, q.nested_absmax if q.double_quant else dummy, q.nested_code,
              q.offset if q.double_quant else dummy, q.code)
     common = dict(BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, UPCAST_BF16=UPCAST_BF16)
-    if M <= GEMV_MAX_ROWS and stride_r == 1 and stride_j == R and R % q.blocksize == 0:
+    # forward with whole quantization blocks in every weight row (every Llama-shaped layer)
+    aligned = stride_r == 1 and stride_j == R and R % q.blocksize == 0
+    if M <= GEMV_MAX_ROWS and aligned:
         # forward with whole blocks per row: bytes and absmax loaded once (the decode fast path)
         fixed = dict(BLOCK_J=8, STEP=16) if INTERPRET else {}
         grid = lambda meta: (M, cdiv(J, meta["BLOCK_J"]))  # noqa: E731
@@ -198,6 +255,10 @@ def _launch(x2d: torch.Tensor, q: NF4Tensor, R: int, J: int, stride_r: int, stri
         grid = lambda meta: (M, cdiv(J, meta["BLOCK_J"]))  # noqa: E731
         _nf4_gemv_kernel[grid](x_in, out, *state, R, J, stride_r, stride_j, x_in.stride(0), out.stride(0),
                                **common, **fixed)
+    elif aligned:
+        fixed = dict(BLOCK_M=16, BLOCK_J=16, STEP=16) if INTERPRET else {}
+        grid = lambda meta: (cdiv(M, meta["BLOCK_M"]), cdiv(J, meta["BLOCK_J"]))  # noqa: E731
+        _nf4_gemm_aligned_kernel[grid](x_in, out, *state, M, R, J, x_in.stride(0), out.stride(0), **common, **fixed)
     else:
         fixed = dict(BLOCK_M=16, BLOCK_J=16, BLOCK_R=32) if INTERPRET else {}
         grid = lambda meta: (cdiv(M, meta["BLOCK_M"]), cdiv(J, meta["BLOCK_J"]))  # noqa: E731

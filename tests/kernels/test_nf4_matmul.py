@@ -51,9 +51,9 @@ def test_forward_and_grad_input_match_reference(rows, dtype, out_f, in_f, blocks
     (5, 4096 * 2, 4096, True, "nf4"),  # blocks larger than a step
     (300, 128, 64, True, "nf4"),    # more than 256 blocks: several nested absmax values
 ])
-def test_aligned_gemv_matches_reference(dtype, out_f, in_f, blocksize, double_quant, quant_type):
+def test_aligned_gemv_and_gemm_match_reference(dtype, out_f, in_f, blocksize, double_quant, quant_type):
     q, gen = _case(out_f, in_f, blocksize, double_quant, quant_type, seed=in_f, zero_rows=True)
-    for rows in (1, GEMV_MAX_ROWS):
+    for rows in (1, GEMV_MAX_ROWS, GEMV_MAX_ROWS + 13):  # the GEMV path, then the GEMM path
         x = torch.randn(rows, in_f, generator=gen).to(dtype)
         y = nf4_matmul(x, q)
         assert y.dtype == dtype and y.shape == (rows, out_f)
