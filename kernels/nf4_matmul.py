@@ -51,18 +51,34 @@ def nf4_matmul_grad_input_reference(grad_out: torch.Tensor, q: NF4Tensor) -> tor
 if HAS_TRITON:
 
     @triton.jit
+    def _block_scale(absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr, block, mask,
+                     DOUBLE_QUANT: tl.constexpr):
+        """The fp32 absmax of quantization blocks ``block`` (undoing double quantization)."""
+        if DOUBLE_QUANT:
+            q8 = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+            scale = tl.load(nested_map_ptr + q8) * tl.load(nested_absmax_ptr + block // 256, mask=mask, other=0.0)
+            return tl.where(mask, scale + tl.load(offset_ptr), 0.0)
+        return tl.load(absmax_ptr + block, mask=mask, other=0.0)
+
+    @triton.jit
+    def _piece_scales(absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr, offs_j, mask_j, b0, row_bytes,
+                      blocks_per_row, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                      NPIECE: tl.constexpr, SUB: tl.constexpr):
+        """``[BLOCK_J, NPIECE]`` absmax of the pieces of ``SUB`` bytes starting at byte ``b0`` of rows ``offs_j``
+        (rows of whole blocks, so a piece lies in one block); 0 past the row or the last output."""
+        piece_start = b0 + tl.arange(0, NPIECE) * SUB  # first byte of each piece in the row
+        block = offs_j.to(tl.int64)[:, None] * blocks_per_row + (2 * piece_start // BLOCKSIZE)[None, :]
+        return _block_scale(absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr, block,
+                            mask_j[:, None] & (piece_start < row_bytes)[None, :], DOUBLE_QUANT)
+
+    @triton.jit
     def _dequant_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr, code_ptr,
                       flat, mask, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
         """fp32 weights at flat indices ``flat`` (any shape), 0 where ``mask`` is false."""
         byte = tl.load(packed_ptr + (flat >> 1), mask=mask, other=0).to(tl.int32)
         nibble = (byte >> ((1 - (flat & 1)) * 4).to(tl.int32)) & 15  # even index: high nibble
-        block = flat // BLOCKSIZE
-        if DOUBLE_QUANT:
-            q8 = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
-            scale = tl.load(nested_map_ptr + q8) * tl.load(nested_absmax_ptr + block // 256, mask=mask, other=0.0)
-            scale = scale + tl.load(offset_ptr)
-        else:
-            scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+        scale = _block_scale(absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr, flat // BLOCKSIZE, mask,
+                             DOUBLE_QUANT)
         w = tl.load(code_ptr + nibble) * scale
         return tl.where(mask, w, 0.0)
 
@@ -84,16 +100,6 @@ if HAS_TRITON:
                               flat, mask_j[:, None] & mask_r[None, :], BLOCKSIZE, DOUBLE_QUANT)
             acc += tl.sum(w * x[None, :], axis=1)
         tl.store(out_ptr + row * stride_om + offs_j, acc.to(out_ptr.dtype.element_ty), mask=mask_j)
-
-    @triton.jit
-    def _block_scale(absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr, block, mask,
-                     DOUBLE_QUANT: tl.constexpr):
-        """The fp32 absmax of quantization blocks ``block`` (undoing double quantization)."""
-        if DOUBLE_QUANT:
-            q8 = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
-            scale = tl.load(nested_map_ptr + q8) * tl.load(nested_absmax_ptr + block // 256, mask=mask, other=0.0)
-            return tl.where(mask, scale + tl.load(offset_ptr), 0.0)
-        return tl.load(absmax_ptr + block, mask=mask, other=0.0)
 
     @triton.jit
     def _nf4_gemv_aligned_kernel(x_ptr, out_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr,
@@ -122,10 +128,8 @@ if HAS_TRITON:
             x_odd = tl.load(x_ptr + row * stride_xm + 2 * offs_b + 1, mask=mask_b, other=0.0).to(tl.float32)
             part = tl.load(code_ptr + (byte >> 4)) * x_even[None, :] + tl.load(code_ptr + (byte & 15)) * x_odd[None, :]
             sums = tl.sum(tl.reshape(part, [BLOCK_J, NPIECE, SUB]), axis=2)
-            piece_start = b0 + tl.arange(0, NPIECE) * SUB  # first byte of each piece in the row
-            block = offs_j.to(tl.int64)[:, None] * blocks_per_row + (2 * piece_start // BLOCKSIZE)[None, :]
-            scale = _block_scale(absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr, block,
-                                 mask_j[:, None] & (piece_start < row_bytes)[None, :], DOUBLE_QUANT)
+            scale = _piece_scales(absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr, offs_j, mask_j, b0,
+                                  row_bytes, blocks_per_row, BLOCKSIZE, DOUBLE_QUANT, NPIECE, SUB)
             acc += tl.sum(sums * scale, axis=1)
         tl.store(out_ptr + row * stride_om + offs_j, acc.to(out_ptr.dtype.element_ty), mask=mask_j)
 
@@ -154,10 +158,8 @@ if HAS_TRITON:
             mask_b = offs_b < row_bytes
             byte = tl.load(packed_ptr + offs_j.to(tl.int64)[:, None] * row_bytes + offs_b[None, :],
                            mask=mask_j[:, None] & mask_b[None, :], other=0).to(tl.int32)
-            piece_start = b0 + tl.arange(0, NPIECE) * SUB
-            block = offs_j.to(tl.int64)[:, None] * blocks_per_row + (2 * piece_start // BLOCKSIZE)[None, :]
-            scale = _block_scale(absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr, block,
-                                 mask_j[:, None] & (piece_start < row_bytes)[None, :], DOUBLE_QUANT)
+            scale = _piece_scales(absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr, offs_j, mask_j, b0,
+                                  row_bytes, blocks_per_row, BLOCKSIZE, DOUBLE_QUANT, NPIECE, SUB)
             scale = tl.reshape(tl.broadcast_to(scale[:, :, None], [BLOCK_J, NPIECE, SUB]), [BLOCK_J, STEP])
             w_even = tl.load(code_ptr + (byte >> 4)) * scale  # [BLOCK_J, STEP]: input columns 2b
             w_odd = tl.load(code_ptr + (byte & 15)) * scale  # input columns 2b + 1
