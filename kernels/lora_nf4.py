@@ -90,7 +90,9 @@ if HAS_TRITON:
             a = tl.load(a_ptr + offs_r[:, None] * K + offs_k[None, :], mask=mask_r[:, None] & mask_k[None, :], other=0.0)
             xa = _dot(xl.to(a.dtype), tl.trans(a), xa, IEEE)
         b = tl.load(b_ptr + offs_n[:, None] * R + offs_r[None, :], mask=mask_n[:, None] & mask_r[None, :], other=0.0)
-        acc = _dot(xa.to(b.dtype) * scaling, tl.trans(b), acc, IEEE)
+        # scale before the cast: a 16-bit tensor times the fp32 scalar would be fp32 again, and tl.dot
+        # needs both operands in one dtype
+        acc = _dot((xa * scaling).to(b.dtype), tl.trans(b), acc, IEEE)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
@@ -280,5 +282,7 @@ def lora_nf4_linear(x: torch.Tensor, q: NF4Tensor, lora_a: torch.Tensor, lora_b:
     xl2 = None if x_lora is None else x_lora.reshape(-1, k).contiguous()
     if x2.shape[0] == 0:
         return x.new_zeros(*lead, n)
+    if INTERPRET:  # no bf16 arithmetic in the interpreter; the adapters are small, upcast them (autograd casts back)
+        lora_a, lora_b = (t.float() if t.dtype == torch.bfloat16 else t for t in (lora_a, lora_b))
     out = LoRANF4Function.apply(x2, xl2, lora_a.contiguous(), lora_b.contiguous(), bias, q, scaling)
     return out.reshape(*lead, n)

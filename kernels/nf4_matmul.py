@@ -54,11 +54,14 @@ if HAS_TRITON:
     def _block_scale(absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr, block, mask,
                      DOUBLE_QUANT: tl.constexpr):
         """The fp32 absmax of quantization blocks ``block`` (undoing double quantization)."""
+        # one return after a static if/else: the compiler types every return statement it sees
         if DOUBLE_QUANT:
             q8 = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
             scale = tl.load(nested_map_ptr + q8) * tl.load(nested_absmax_ptr + block // 256, mask=mask, other=0.0)
-            return tl.where(mask, scale + tl.load(offset_ptr), 0.0)
-        return tl.load(absmax_ptr + block, mask=mask, other=0.0)
+            scale = tl.where(mask, scale + tl.load(offset_ptr), 0.0)
+        else:
+            scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+        return scale
 
     @triton.jit
     def _piece_scales(absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr, offs_j, mask_j, b0, row_bytes,

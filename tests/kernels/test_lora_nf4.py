@@ -45,6 +45,22 @@ def test_forward_and_backward_match_reference(dtype, shape):
         _close(got, want, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_adapters_in_the_input_dtype(dtype):
+    """16-bit adapters as well as the fp32 ones the qlora method keeps (the scaled x@A.T must be cast
+    after scaling, or tl.dot gets an fp32 and a 16-bit operand)."""
+    x, q, a, b, bias = _case(m=5, n=24, k=40, r=4, dtype=dtype)
+    a, b = a.to(dtype).requires_grad_(), b.to(dtype).requires_grad_()
+    a_ref, b_ref = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    ours = lora_nf4_linear(x, q, a, b, 2.0, bias)
+    ref = lora_nf4_linear_reference(x, q, a_ref, b_ref, 2.0, bias)
+    _close(ours, ref, dtype)
+    ours.float().sum().backward()
+    ref.float().sum().backward()
+    _close(a.grad, a_ref.grad, dtype)
+    _close(b.grad, b_ref.grad, dtype)
+
+
 def test_rank_above_16_pads_the_rank_block():
     x, q, a, b, bias = _case(m=17, n=20, k=36, r=20)
     a, b = a.requires_grad_(), b.requires_grad_()
