@@ -228,7 +228,7 @@ if HAS_TRITON:
         _nf4_gemm_kernel = triton.autotune(
             configs=[triton.Config({"BLOCK_M": bm, "BLOCK_J": bj, "BLOCK_R": br}, num_warps=w, num_stages=s)
                      for bm, bj, br, w, s in [(16, 64, 64, 4, 3), (32, 64, 64, 4, 3), (64, 64, 64, 4, 3),
-                                              (64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4)]],
+                                              (64, 128, 64, 8, 2), (128, 128, 32, 8, 3), (128, 64, 64, 4, 3)]],
             key=["M", "R", "J", "BLOCKSIZE", "DOUBLE_QUANT"])(_nf4_gemm_kernel)
 
 
