@@ -221,6 +221,8 @@ def _cases():
             g = torch.randn(rows, N, dtype=dt)
             add(f"nf4_matmul_grad_input rows={rows} {dt_name}",
                 lambda g=g, q=q: nf4_matmul.nf4_matmul_grad_input(g, q, use_triton=True))
+            add(f"nf4_matmul_grad_input no-dq unaligned rows={rows} {dt_name}",
+                lambda g=g, odd=odd: nf4_matmul.nf4_matmul_grad_input(g, odd, use_triton=True))
         for quant_type in ("nf4", "fp4"):
             add(f"quantize_nf4 {quant_type} {dt_name}", lambda w=w, qt=quant_type: nf4.quantize_nf4(w, quant_type=qt))
         for dq in (True, False):

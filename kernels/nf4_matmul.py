@@ -4,13 +4,16 @@ packed 4-bit codes directly (``kernels/nf4.py`` layout) and never materialise th
 * ``_nf4_gemv_aligned_kernel``: the decode fast path (forward, small batches, every weight row
   made of whole quantization blocks, as in every Llama-shaped layer): packed bytes are read as
   bytes and each block's absmax once, ``code * x`` summed per block before scaling.
-* ``_nf4_gemv_kernel``: the other small-batch cases (the backward, rows that end mid-block). Each
+* ``_nf4_gemv_kernel``: the other small-batch cases (rows that end mid-block). Each
   program owns ``BLOCK_J`` outputs of one input row and streams the packed weight once, reducing
   in fp32 registers.
 * ``_nf4_gemm_aligned_kernel``: larger batches, same condition as the aligned GEMV: each packed
   byte read once, its two nibbles multiplied with the even and odd input columns (two ``tl.dot``
   per step), one absmax load per block piece.
-* ``_nf4_gemm_kernel``: larger batches otherwise (the backward, rows ending mid-block). A
+* ``_nf4_grad_input_aligned_kernel``: the input gradient ``g @ W`` (any batch) under the same
+  condition: a program owns a strip of packed bytes of every weight row and walks the rows, each
+  byte read once and split into the even/odd input features.
+* ``_nf4_gemm_kernel``: larger batches otherwise (rows ending mid-block, forward and backward). A
   ``[BLOCK_M, BLOCK_R]`` tile of the input meets a ``[BLOCK_R, BLOCK_J]`` tile of the weight
   dequantized in registers (to the input dtype, as bitsandbytes dequantizes to the compute
   dtype), accumulated with ``tl.dot`` in fp32.
@@ -180,6 +183,52 @@ if HAS_TRITON:
                  mask=mask_m[:, None] & mask_j[None, :])
 
     @triton.jit
+    def _nf4_grad_input_aligned_kernel(g_ptr, out_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr,
+                                       offset_ptr, code_ptr, M, N, K, stride_gm, stride_om,
+                                       BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BLOCK_M: tl.constexpr,
+                                       BLOCK_N: tl.constexpr, STEP: tl.constexpr, SUB: tl.constexpr,
+                                       UPCAST_BF16: tl.constexpr):
+        """``grad_out [M, N] @ W [N, K]`` when every weight row holds whole quantization blocks.
+
+        A program owns ``STEP`` packed bytes of every weight row (input features ``2b`` and ``2b + 1``)
+        and walks the ``N`` rows: each byte is read once, its high and low nibbles are the even and
+        odd features, scaled once per piece of ``SUB`` bytes; the two accumulators are interleaved
+        into contiguous columns at the end.
+        """
+        NPIECE: tl.constexpr = STEP // SUB
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        b0 = tl.program_id(1) * STEP
+        offs_b = b0 + tl.arange(0, STEP)
+        mask_m = offs_m < M
+        row_bytes = K // 2
+        blocks_per_row = K // BLOCKSIZE
+        mask_b = offs_b < row_bytes
+        acc_even = tl.zeros([BLOCK_M, STEP], dtype=tl.float32)
+        acc_odd = tl.zeros([BLOCK_M, STEP], dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < N
+            byte = tl.load(packed_ptr + offs_n.to(tl.int64)[:, None] * row_bytes + offs_b[None, :],
+                           mask=mask_n[:, None] & mask_b[None, :], other=0).to(tl.int32)
+            scale = _piece_scales(absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr, offs_n, mask_n, b0,
+                                  row_bytes, blocks_per_row, BLOCKSIZE, DOUBLE_QUANT, NPIECE, SUB)
+            scale = tl.reshape(tl.broadcast_to(scale[:, :, None], [BLOCK_N, NPIECE, SUB]), [BLOCK_N, STEP])
+            w_even = tl.load(code_ptr + (byte >> 4)) * scale  # [BLOCK_N, STEP]: input features 2b
+            w_odd = tl.load(code_ptr + (byte & 15)) * scale  # input features 2b + 1
+            g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :],
+                        mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+            if UPCAST_BF16:
+                acc_even += tl.dot(g.to(tl.float32), w_even)
+                acc_odd += tl.dot(g.to(tl.float32), w_odd)
+            else:
+                acc_even += tl.dot(g, w_even.to(g.dtype))
+                acc_odd += tl.dot(g, w_odd.to(g.dtype))
+        out = tl.reshape(tl.join(acc_even, acc_odd), [BLOCK_M, 2 * STEP])  # columns 2b, 2b + 1, ...
+        offs_k = 2 * b0 + tl.arange(0, 2 * STEP)
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_k[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=mask_m[:, None] & (offs_k < K)[None, :])
+
+    @triton.jit
     def _nf4_gemm_kernel(x_ptr, out_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr,
                          code_ptr, M, R, J, stride_r, stride_j, stride_xm, stride_om,
                          BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
@@ -209,6 +258,7 @@ if HAS_TRITON:
     _piece = triton.heuristics({"SUB": lambda meta: min(meta["STEP"], meta["BLOCKSIZE"] // 2)})
     _nf4_gemv_aligned_kernel = _piece(_nf4_gemv_aligned_kernel)
     _nf4_gemm_aligned_kernel = _piece(_nf4_gemm_aligned_kernel)
+    _nf4_grad_input_aligned_kernel = _piece(_nf4_grad_input_aligned_kernel)
 
     if not INTERPRET:  # autotune on GPU; the interpreter gets one fixed config (see _launch)
         _nf4_gemv_aligned_kernel = triton.autotune(
@@ -225,6 +275,11 @@ if HAS_TRITON:
                      for bm, bj, st, w, s in [(16, 64, 32, 4, 3), (32, 64, 32, 4, 3), (64, 64, 32, 4, 3),
                                               (64, 128, 32, 8, 3), (128, 128, 32, 8, 3), (128, 64, 64, 8, 3)]],
             key=["M", "R", "J", "BLOCKSIZE", "DOUBLE_QUANT"])(_nf4_gemm_aligned_kernel)
+        _nf4_grad_input_aligned_kernel = triton.autotune(
+            configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "STEP": st}, num_warps=w, num_stages=s)
+                     for bm, bn, st, w, s in [(16, 64, 32, 4, 3), (32, 64, 32, 4, 3), (64, 64, 32, 4, 3),
+                                              (64, 64, 64, 8, 3), (128, 64, 32, 8, 3), (128, 32, 64, 8, 3)]],
+            key=["M", "N", "K", "BLOCKSIZE", "DOUBLE_QUANT"])(_nf4_grad_input_aligned_kernel)
         _nf4_gemm_kernel = triton.autotune(
             configs=[triton.Config({"BLOCK_M": bm, "BLOCK_J": bj, "BLOCK_R": br}, num_warps=w, num_stages=s)
                      for bm, bj, br, w, s in [(16, 64, 64, 4, 3), (32, 64, 64, 4, 3), (64, 64, 64, 4, 3),
@@ -248,9 +303,15 @@ def _launch(x2d: torch.Tensor, q: NF4Tensor, R: int, J: int, stride_r: int, stri
     state = (q.packed, q.absmax, q.nested_absmax if q.double_quant else dummy, q.nested_code,
              q.offset if q.double_quant else dummy, q.code)
     common = dict(BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, UPCAST_BF16=UPCAST_BF16)
-    # forward with whole quantization blocks in every weight row (every Llama-shaped layer)
+    # whole quantization blocks in every weight row (every Llama-shaped layer), forward or backward
     aligned = stride_r == 1 and stride_j == R and R % q.blocksize == 0
-    if M <= GEMV_MAX_ROWS and aligned:
+    aligned_backward = stride_j == 1 and stride_r == J and J % q.blocksize == 0
+    if aligned_backward:
+        fixed = dict(BLOCK_M=16, BLOCK_N=16, STEP=16) if INTERPRET else {}
+        grid = lambda meta: (cdiv(M, meta["BLOCK_M"]), cdiv(J // 2, meta["STEP"]))  # noqa: E731
+        _nf4_grad_input_aligned_kernel[grid](x_in, out, *state, M, R, J, x_in.stride(0), out.stride(0), **common,
+                                             **fixed)
+    elif M <= GEMV_MAX_ROWS and aligned:
         # forward with whole blocks per row: bytes and absmax loaded once (the decode fast path)
         fixed = dict(BLOCK_J=8, STEP=16) if INTERPRET else {}
         grid = lambda meta: (M, cdiv(J, meta["BLOCK_J"]))  # noqa: E731

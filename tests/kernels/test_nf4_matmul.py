@@ -51,7 +51,7 @@ def test_forward_and_grad_input_match_reference(rows, dtype, out_f, in_f, blocks
     (5, 4096 * 2, 4096, True, "nf4"),  # blocks larger than a step
     (300, 128, 64, True, "nf4"),    # more than 256 blocks: several nested absmax values
 ])
-def test_aligned_gemv_and_gemm_match_reference(dtype, out_f, in_f, blocksize, double_quant, quant_type):
+def test_aligned_kernels_match_reference(dtype, out_f, in_f, blocksize, double_quant, quant_type):
     q, gen = _case(out_f, in_f, blocksize, double_quant, quant_type, seed=in_f, zero_rows=True)
     for rows in (1, GEMV_MAX_ROWS, GEMV_MAX_ROWS + 13):  # the GEMV path, then the GEMM path
         x = torch.randn(rows, in_f, generator=gen).to(dtype)
@@ -59,6 +59,10 @@ def test_aligned_gemv_and_gemm_match_reference(dtype, out_f, in_f, blocksize, do
         assert y.dtype == dtype and y.shape == (rows, out_f)
         _close(y, nf4_matmul_reference(x.float(), q), dtype)
         assert torch.all(y[:, :2] == 0)
+        g = torch.randn(rows, out_f, generator=gen).to(dtype)  # the aligned input-gradient kernel
+        gx = nf4_matmul_grad_input(g, q)
+        assert gx.dtype == dtype and gx.shape == (rows, in_f)
+        _close(gx, nf4_matmul_grad_input_reference(g.float(), q), dtype)
 
 
 def test_batched_leading_dims():
