@@ -102,3 +102,16 @@ def test_cuda_matches_reference(rows):
     x = torch.randn(rows, 4096, generator=gen).to("cuda", torch.float16)
     _close(nf4_matmul(x, q), nf4_matmul_reference(x.float(), q), torch.float16)
     _close(nf4_matmul_grad_input(x[:, :4096], q), nf4_matmul_grad_input_reference(x.float(), q), torch.float16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 16, 128])
+def test_cuda_fp32_inputs_are_not_rounded_to_tf32(rows):
+    """fp32 activations get IEEE fp32 dots (torch's fp32 matmul is not TF32 by default): rounding x
+    to TF32's 10-bit mantissa gives errors of ~0.02 on outputs of ~45 here, over this tolerance."""
+    q, gen = _case(1024, 2048, 64, True, "nf4")
+    q = q.to("cuda")
+    x = torch.randn(rows, 2048, generator=gen).to("cuda")
+    _close(nf4_matmul(x, q), nf4_matmul_reference(x, q), torch.float32)
+    g = torch.randn(rows, 1024, generator=gen).to("cuda")
+    _close(nf4_matmul_grad_input(g, q), nf4_matmul_grad_input_reference(g, q), torch.float32)
