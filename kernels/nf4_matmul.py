@@ -100,6 +100,37 @@ if HAS_TRITON:
         return tl.where(mask, w, 0.0)
 
     @triton.jit
+    def _pair_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr, code_ptr, offs_n, mask_n,
+                   c0, K, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BLOCK_N: tl.constexpr,
+                   PAIRS: tl.constexpr, SUB: tl.constexpr, ALIGNED: tl.constexpr):
+        """fp32 weights ``W[offs_n, 2c]`` and ``W[offs_n, 2c + 1]`` for the column pairs
+        ``c = c0 + arange(PAIRS)`` of a row-major ``[*, K]`` weight: two ``[BLOCK_N, PAIRS]`` tiles,
+        0 outside the weight.
+
+        ALIGNED (``K % BLOCKSIZE == 0``, ``c0 % SUB == 0``): pair c of a row is byte c of it (high nibble
+        first), loaded once as a byte, and each piece of ``SUB`` bytes takes one absmax. Otherwise every
+        weight is decoded from its flat index (rows may start mid-byte, blocks span rows).
+        """
+        offs_c = c0 + tl.arange(0, PAIRS)
+        if ALIGNED:
+            NPIECE: tl.constexpr = PAIRS // SUB
+            row_bytes = K // 2
+            byte = tl.load(packed_ptr + offs_n.to(tl.int64)[:, None] * row_bytes + offs_c[None, :],
+                           mask=mask_n[:, None] & (offs_c < row_bytes)[None, :], other=0).to(tl.int32)
+            scale = _piece_scales(absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr, offs_n, mask_n, c0,
+                                  row_bytes, K // BLOCKSIZE, BLOCKSIZE, DOUBLE_QUANT, NPIECE, SUB)
+            scale = tl.reshape(tl.broadcast_to(scale[:, :, None], [BLOCK_N, NPIECE, SUB]), [BLOCK_N, PAIRS])
+            w_even = tl.load(code_ptr + (byte >> 4)) * scale
+            w_odd = tl.load(code_ptr + (byte & 15)) * scale
+        else:
+            flat = offs_n.to(tl.int64)[:, None] * K + 2 * offs_c[None, :]
+            w_even = _dequant_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr, code_ptr,
+                                   flat, mask_n[:, None] & (2 * offs_c < K)[None, :], BLOCKSIZE, DOUBLE_QUANT)
+            w_odd = _dequant_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr, code_ptr,
+                                  flat + 1, mask_n[:, None] & (2 * offs_c + 1 < K)[None, :], BLOCKSIZE, DOUBLE_QUANT)
+        return w_even, w_odd
+
+    @triton.jit
     def _nf4_gemv_kernel(x_ptr, out_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr,
                          code_ptr, R, J, stride_r, stride_j, stride_xm, stride_om,
                          BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
@@ -162,24 +193,18 @@ if HAS_TRITON:
         nibbles are the even and odd input columns, each scaled by its block's absmax (one load per
         piece of ``SUB`` bytes) and multiplied with the matching even/odd columns of the input tile.
         """
-        NPIECE: tl.constexpr = STEP // SUB
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
         mask_m = offs_m < M
         mask_j = offs_j < J
         row_bytes = R // 2
-        blocks_per_row = R // BLOCKSIZE
         acc = tl.zeros([BLOCK_M, BLOCK_J], dtype=tl.float32)
         for b0 in range(0, row_bytes, STEP):
             offs_b = b0 + tl.arange(0, STEP)
             mask_b = offs_b < row_bytes
-            byte = tl.load(packed_ptr + offs_j.to(tl.int64)[:, None] * row_bytes + offs_b[None, :],
-                           mask=mask_j[:, None] & mask_b[None, :], other=0).to(tl.int32)
-            scale = _piece_scales(absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr, offs_j, mask_j, b0,
-                                  row_bytes, blocks_per_row, BLOCKSIZE, DOUBLE_QUANT, NPIECE, SUB)
-            scale = tl.reshape(tl.broadcast_to(scale[:, :, None], [BLOCK_J, NPIECE, SUB]), [BLOCK_J, STEP])
-            w_even = tl.load(code_ptr + (byte >> 4)) * scale  # [BLOCK_J, STEP]: input columns 2b
-            w_odd = tl.load(code_ptr + (byte & 15)) * scale  # input columns 2b + 1
+            w_even, w_odd = _pair_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr,
+                                       code_ptr, offs_j, mask_j, b0, R, BLOCKSIZE, DOUBLE_QUANT, BLOCK_J, STEP, SUB,
+                                       True)  # [BLOCK_J, STEP]: input columns 2b and 2b + 1
             x_rows = x_ptr + offs_m[:, None] * stride_xm
             mask_x = mask_m[:, None] & mask_b[None, :]
             x_even = tl.load(x_rows + 2 * offs_b[None, :], mask=mask_x, other=0.0)
@@ -202,26 +227,17 @@ if HAS_TRITON:
         odd features, scaled once per piece of ``SUB`` bytes; the two accumulators are interleaved
         into contiguous columns at the end.
         """
-        NPIECE: tl.constexpr = STEP // SUB
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         b0 = tl.program_id(1) * STEP
-        offs_b = b0 + tl.arange(0, STEP)
         mask_m = offs_m < M
-        row_bytes = K // 2
-        blocks_per_row = K // BLOCKSIZE
-        mask_b = offs_b < row_bytes
         acc_even = tl.zeros([BLOCK_M, STEP], dtype=tl.float32)
         acc_odd = tl.zeros([BLOCK_M, STEP], dtype=tl.float32)
         for n0 in range(0, N, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             mask_n = offs_n < N
-            byte = tl.load(packed_ptr + offs_n.to(tl.int64)[:, None] * row_bytes + offs_b[None, :],
-                           mask=mask_n[:, None] & mask_b[None, :], other=0).to(tl.int32)
-            scale = _piece_scales(absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr, offs_n, mask_n, b0,
-                                  row_bytes, blocks_per_row, BLOCKSIZE, DOUBLE_QUANT, NPIECE, SUB)
-            scale = tl.reshape(tl.broadcast_to(scale[:, :, None], [BLOCK_N, NPIECE, SUB]), [BLOCK_N, STEP])
-            w_even = tl.load(code_ptr + (byte >> 4)) * scale  # [BLOCK_N, STEP]: input features 2b
-            w_odd = tl.load(code_ptr + (byte & 15)) * scale  # input features 2b + 1
+            w_even, w_odd = _pair_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr,
+                                       code_ptr, offs_n, mask_n, b0, K, BLOCKSIZE, DOUBLE_QUANT, BLOCK_N, STEP, SUB,
+                                       True)  # [BLOCK_N, STEP]: input features 2b and 2b + 1
             g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :],
                         mask=mask_m[:, None] & mask_n[None, :], other=0.0)
             acc_even += _dot(g, w_even, UPCAST_BF16)
