@@ -235,6 +235,13 @@ def _cases():
             lora_b = torch.randn(N, 16, dtype=adapter_dtype, requires_grad=True)
             add(f"lora_nf4_linear forward+backward {dt_name} adapters {str(adapter_dtype)[6:]}",
                 lambda x=x, a=lora_a, b=lora_b, q=q: lora_nf4.lora_nf4_linear(x, q, a, b, 2.0).sum().backward())
+        k_odd = K - 16  # rows end mid-block: weights decoded one by one
+        x = torch.randn(64, k_odd, dtype=dt, requires_grad=True)
+        lora_a = torch.randn(16, k_odd, requires_grad=True)
+        lora_b = torch.randn(N, 16, requires_grad=True)
+        q_odd = nf4.quantize_nf4_reference(torch.randn(N, k_odd))
+        add(f"lora_nf4_linear forward+backward unaligned {dt_name}",
+            lambda x=x, a=lora_a, b=lora_b, q=q_odd: lora_nf4.lora_nf4_linear(x, q, a, b, 2.0).sum().backward())
     a = torch.zeros(16, K, dtype=torch.int8)
     add("int8_matmul (W8A8)", lambda: int8_matmul.int8_matmul(a, torch.ones(16), torch.zeros(N, K, dtype=torch.int8),
                                                                torch.ones(N)))

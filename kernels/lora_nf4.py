@@ -11,6 +11,9 @@ One op per file: the Triton kernels, the launchers, the plain-torch references a
 
 * forward  — one kernel: the K loop accumulates ``x @ Ŵ.T`` and the small ``x_l @ A.T`` side by
   side; the epilogue adds ``s * xa @ B.T`` (and writes ``xa`` once, for the backward).
+  Both NF4 kernels walk K in column pairs (2c, 2c + 1) decoded by ``nf4_matmul._pair_tile``: when
+  every weight row holds whole quantization blocks (Llama-shaped layers) a pair is one packed byte
+  read once, with one absmax per piece of bytes; otherwise each weight is decoded by its index.
 * backward for x — one kernel: the N loop accumulates ``dy @ Ŵ`` and ``dy @ B``; the epilogue
   adds ``s * (dy @ B) @ A`` (when ``x_l`` is ``x``) and writes ``dxa = s * dy @ B`` once.
 * backward for A and B — ``dA = dxa.T @ x_l`` and ``dB = s * dy.T @ xa``: one small
@@ -24,27 +27,12 @@ import torch
 
 from qbench.kernels._triton import HAS_TRITON, INTERPRET, UPCAST_BF16, cdiv, triton_can_run
 from qbench.kernels.nf4 import NF4Tensor, dequantize_nf4_reference
+from qbench.kernels.nf4_matmul import _pair_tile
 from qbench.params import QBenchError
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
-
-    @triton.jit
-    def _nf4_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr, code_ptr,
-                  offs_n, offs_k, mask, K, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
-        """fp32 tile ``Ŵ[offs_n, offs_k]`` ([len(offs_n), len(offs_k)]) from the flat NF4 layout."""
-        flat = offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]
-        byte = tl.load(packed_ptr + flat // 2, mask=mask, other=0).to(tl.int32)
-        nibble = tl.where(flat % 2 == 0, byte >> 4, byte & 15)
-        block = flat // BLOCKSIZE
-        if DOUBLE_QUANT:
-            q8 = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
-            scale = tl.load(nested_map_ptr + q8) * tl.load(nested_absmax_ptr + block // 256, mask=mask, other=0.0)
-            scale = scale + tl.load(offset_ptr)
-        else:
-            scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
-        return tl.load(code_ptr + nibble) * scale
 
     @triton.jit
     def _dot(a, b, acc, IEEE: tl.constexpr):
@@ -53,13 +41,35 @@ if HAS_TRITON:
         return tl.dot(a, b, acc)
 
     @triton.jit
+    def _fwd_columns(x_ptr, xl_ptr, a_ptr, w, cols, offs_m, mask_m, offs_r, mask_r, K, acc, xa,
+                     SEPARATE_XL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+        """Add columns ``cols`` of x (and x_l, A) to ``acc += x @ w.T`` and ``xa += x_l @ A.T``."""
+        x_mask = mask_m[:, None] & (cols < K)[None, :]
+        x_offs = offs_m.to(tl.int64)[:, None] * K + cols[None, :]
+        x = tl.load(x_ptr + x_offs, mask=x_mask, other=0.0)
+        if UPCAST:
+            x = x.to(tl.float32)
+        else:
+            w = w.to(x.dtype)  # 16-bit tensor-core dot, fp32 accumulation
+        acc = _dot(x, tl.trans(w), acc, IEEE)
+        if SEPARATE_XL:
+            xl = tl.load(xl_ptr + x_offs, mask=x_mask, other=0.0)
+        else:
+            xl = x
+        a = tl.load(a_ptr + offs_r[:, None] * K + cols[None, :], mask=mask_r[:, None] & (cols < K)[None, :], other=0.0)
+        xa = _dot(xl.to(a.dtype), tl.trans(a), xa, IEEE)
+        return acc, xa
+
+    @triton.jit
     def _lora_nf4_fwd_kernel(x_ptr, xl_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr,
                              offset_ptr, code_ptr, a_ptr, b_ptr, bias_ptr, out_ptr, xa_ptr, scaling,
                              M, N, K, R,
                              BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
                              SEPARATE_XL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                             BLOCK_R: tl.constexpr):
+                             ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             PAIRS: tl.constexpr, SUB: tl.constexpr, BLOCK_R: tl.constexpr):
+        # The K loop walks column pairs (2c, 2c + 1): with whole quantization blocks per row (ALIGNED)
+        # a pair is one packed byte, read once; x, x_l and A are read as their even and odd columns.
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -70,25 +80,15 @@ if HAS_TRITON:
         mask_r = offs_r < R
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
         xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < K
-            x_mask = mask_m[:, None] & mask_k[None, :]
-            x_offs = offs_m.to(tl.int64)[:, None] * K + offs_k[None, :]
-            x = tl.load(x_ptr + x_offs, mask=x_mask, other=0.0)
-            w = _nf4_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr, code_ptr,
-                          offs_n, offs_k, mask_n[:, None] & mask_k[None, :], K, BLOCKSIZE, DOUBLE_QUANT)
-            if UPCAST:
-                x = x.to(tl.float32)
-            else:
-                w = w.to(x.dtype)  # 16-bit tensor-core dot, fp32 accumulation
-            acc = _dot(x, tl.trans(w), acc, IEEE)
-            if SEPARATE_XL:
-                xl = tl.load(xl_ptr + x_offs, mask=x_mask, other=0.0)
-            else:
-                xl = x
-            a = tl.load(a_ptr + offs_r[:, None] * K + offs_k[None, :], mask=mask_r[:, None] & mask_k[None, :], other=0.0)
-            xa = _dot(xl.to(a.dtype), tl.trans(a), xa, IEEE)
+        for c0 in range(0, (K + 1) // 2, PAIRS):
+            col = 2 * (c0 + tl.arange(0, PAIRS))  # even columns; odd ones are col + 1
+            w_even, w_odd = _pair_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr,
+                                       code_ptr, offs_n, mask_n, c0, K, BLOCKSIZE, DOUBLE_QUANT, BLOCK_N, PAIRS, SUB,
+                                       ALIGNED)
+            acc, xa = _fwd_columns(x_ptr, xl_ptr, a_ptr, w_even, col, offs_m, mask_m, offs_r, mask_r, K, acc, xa,
+                                   SEPARATE_XL, UPCAST, IEEE)
+            acc, xa = _fwd_columns(x_ptr, xl_ptr, a_ptr, w_odd, col + 1, offs_m, mask_m, offs_r, mask_r, K, acc, xa,
+                                   SEPARATE_XL, UPCAST, IEEE)
         b = tl.load(b_ptr + offs_n[:, None] * R + offs_r[None, :], mask=mask_n[:, None] & mask_r[None, :], other=0.0)
         # scale before the cast: a 16-bit tensor times the fp32 scalar would be fp32 again, and tl.dot
         # needs both operands in one dtype
@@ -104,40 +104,50 @@ if HAS_TRITON:
     def _lora_nf4_bwd_dx_kernel(dy_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr,
                                 code_ptr, a_ptr, b_ptr, dx_ptr, dxa_ptr, scaling, M, N, K, R,
                                 BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ADD_LORA_DX: tl.constexpr,
-                                UPCAST: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr,
-                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                                UPCAST: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr, ALIGNED: tl.constexpr,
+                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAIRS: tl.constexpr, SUB: tl.constexpr,
                                 BLOCK_R: tl.constexpr):
+        # A program owns the column pairs c0 .. c0 + PAIRS of dx (even and odd columns accumulated
+        # apart, interleaved at the store) and walks the N rows of the NF4 weight.
         pid_m = tl.program_id(0)
-        pid_k = tl.program_id(1)
+        c0 = tl.program_id(1) * PAIRS
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         offs_r = tl.arange(0, BLOCK_R)
+        col = 2 * (c0 + tl.arange(0, PAIRS))  # even columns; odd ones are col + 1
         mask_m = offs_m < M
-        mask_k = offs_k < K
         mask_r = offs_r < R
-        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC)
+        acc_even = tl.zeros((BLOCK_M, PAIRS), dtype=ACC)
+        acc_odd = tl.zeros((BLOCK_M, PAIRS), dtype=ACC)
         dxa = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
         for n0 in range(0, N, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             mask_n = offs_n < N
             dy = tl.load(dy_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :],
                          mask=mask_m[:, None] & mask_n[None, :], other=0.0)
-            w = _nf4_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr, code_ptr,
-                          offs_n, offs_k, mask_n[:, None] & mask_k[None, :], K, BLOCKSIZE, DOUBLE_QUANT)
+            w_even, w_odd = _pair_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr,
+                                       code_ptr, offs_n, mask_n, c0, K, BLOCKSIZE, DOUBLE_QUANT, BLOCK_N, PAIRS, SUB,
+                                       ALIGNED)
             if UPCAST:
                 dy = dy.to(tl.float32)
             else:
-                w = w.to(dy.dtype)
-            acc = _dot(dy, w, acc, IEEE)
+                w_even = w_even.to(dy.dtype)
+                w_odd = w_odd.to(dy.dtype)
+            acc_even = _dot(dy, w_even, acc_even, IEEE)
+            acc_odd = _dot(dy, w_odd, acc_odd, IEEE)
             b = tl.load(b_ptr + offs_n[:, None] * R + offs_r[None, :], mask=mask_n[:, None] & mask_r[None, :], other=0.0)
             dxa = _dot(dy.to(b.dtype), b, dxa, IEEE)
         dxa = dxa * scaling
         if ADD_LORA_DX:
-            a = tl.load(a_ptr + offs_r[:, None] * K + offs_k[None, :], mask=mask_r[:, None] & mask_k[None, :], other=0.0)
-            acc = _dot(dxa.to(a.dtype), a, acc, IEEE)
-        tl.store(dx_ptr + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty),
-                 mask=mask_m[:, None] & mask_k[None, :])
-        if pid_k == 0:
+            a_rows = a_ptr + offs_r[:, None] * K
+            a_even = tl.load(a_rows + col[None, :], mask=mask_r[:, None] & (col < K)[None, :], other=0.0)
+            a_odd = tl.load(a_rows + col[None, :] + 1, mask=mask_r[:, None] & (col + 1 < K)[None, :], other=0.0)
+            acc_even = _dot(dxa.to(a_even.dtype), a_even, acc_even, IEEE)
+            acc_odd = _dot(dxa.to(a_odd.dtype), a_odd, acc_odd, IEEE)
+        dx = tl.reshape(tl.join(acc_even, acc_odd), [BLOCK_M, 2 * PAIRS])  # columns 2c, 2c + 1, ...
+        offs_k = 2 * c0 + tl.arange(0, 2 * PAIRS)
+        tl.store(dx_ptr + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :], dx.to(dx_ptr.dtype.element_ty),
+                 mask=mask_m[:, None] & (offs_k < K)[None, :])
+        if c0 == 0:
             tl.store(dxa_ptr + offs_m[:, None] * R + offs_r[None, :], dxa, mask=mask_m[:, None] & mask_r[None, :])
 
     @triton.jit
@@ -160,12 +170,16 @@ if HAS_TRITON:
         tl.store(out_ptr + offs_p[:, None] * Q + offs_q[None, :], acc * scaling, mask=mask_p[:, None] & mask_q[None, :])
 
 
-def _blocks(rows: int, rank: int) -> dict[str, int]:
+def _blocks(rows: int, rank: int, q: NF4Tensor) -> dict[str, int]:
+    """Tile sizes; PAIRS column pairs (2 * PAIRS columns of K) per step, SUB bytes per absmax piece."""
     block_r = max(16, triton.next_power_of_2(rank))
     if INTERPRET:  # one small config: the interpreter is slow and cannot autotune
-        return {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_R": block_r}
-    return {"BLOCK_M": 16 if rows <= 16 else (32 if rows <= 32 else 64), "BLOCK_N": 64, "BLOCK_K": 64,
-            "BLOCK_R": block_r, "num_warps": 4, "num_stages": 3}
+        blocks = {"BLOCK_M": 16, "BLOCK_N": 32, "PAIRS": 16, "BLOCK_R": block_r}
+    else:
+        blocks = {"BLOCK_M": 16 if rows <= 16 else (32 if rows <= 32 else 64), "BLOCK_N": 64, "PAIRS": 32,
+                  "BLOCK_R": block_r, "num_warps": 4, "num_stages": 3}
+    # a piece never crosses a quantization block (both powers of two)
+    return {**blocks, "SUB": min(blocks["PAIRS"], q.blocksize // 2)}
 
 
 def _nf4_args(q: NF4Tensor) -> tuple:
@@ -175,7 +189,8 @@ def _nf4_args(q: NF4Tensor) -> tuple:
 
 
 def _flags(q: NF4Tensor, dtype: torch.dtype) -> dict:
-    return {"BLOCKSIZE": q.blocksize, "DOUBLE_QUANT": q.double_quant,
+    # ALIGNED: every weight row holds whole quantization blocks (every Llama-shaped layer)
+    return {"BLOCKSIZE": q.blocksize, "DOUBLE_QUANT": q.double_quant, "ALIGNED": q.shape[1] % q.blocksize == 0,
             "UPCAST": UPCAST_BF16 and dtype == torch.bfloat16,
             "IEEE": dtype in (torch.float32, torch.float64), "ACC": _acc(dtype)}
 
@@ -217,7 +232,7 @@ def _lora_nf4_forward(x2, xl2, q, lora_a, lora_b, scaling, bias):
     n, r = lora_b.shape
     out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
     xa = torch.empty(m, r, dtype=torch.float32 if lora_a.dtype != torch.float64 else torch.float64, device=x2.device)
-    blocks = _blocks(m, r)
+    blocks = _blocks(m, r, q)
     grid = (cdiv(m, blocks["BLOCK_M"]), cdiv(n, blocks["BLOCK_N"]))
     _lora_nf4_fwd_kernel[grid](
         x2, xl2 if xl2 is not None else x2, *_nf4_args(q), lora_a, lora_b,
@@ -257,8 +272,8 @@ class LoRANF4Function(torch.autograd.Function):
         k, r = lora_a.shape[1], lora_a.shape[0]
         dx = torch.empty(m, k, dtype=dy.dtype, device=dy.device)
         dxa = torch.empty(m, r, dtype=xa.dtype, device=dy.device)
-        blocks = _blocks(m, r)
-        grid = (cdiv(m, blocks["BLOCK_M"]), cdiv(k, blocks["BLOCK_K"]))
+        blocks = _blocks(m, r, q)
+        grid = (cdiv(m, blocks["BLOCK_M"]), cdiv(cdiv(k, 2), blocks["PAIRS"]))
         _lora_nf4_bwd_dx_kernel[grid](dy, *_nf4_args(q), lora_a, lora_b, dx, dxa, float(scaling), m, n, k, r,
                                       ADD_LORA_DX=not ctx.has_xl, **_flags(q, dy.dtype), **blocks)
         grad_xl = None

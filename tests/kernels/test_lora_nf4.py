@@ -26,7 +26,10 @@ def _close(got, want, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(1, 17, 33, 1), (19, 45, 70, 3)])  # odd: no dim a multiple of a block
+@pytest.mark.parametrize("shape", [
+    (1, 17, 33, 1), (19, 45, 70, 3),  # odd: no dim a multiple of a block
+    (7, 40, 192, 4),                  # rows of whole blocks: pairs of columns read as packed bytes
+])
 def test_forward_and_backward_match_reference(dtype, shape):
     m, n, k, r = shape
     x, q, a, b, bias = _case(m, n, k, r, dtype)
@@ -92,8 +95,9 @@ def test_edge_values_zero_adapter_and_zero_input():
     assert torch.equal(lora_nf4_linear(torch.zeros_like(x), q, a, b, 2.0), torch.zeros(5, 20))
 
 
-def test_gradcheck_fp64():
-    x, q, a, b, bias = _case(m=3, n=18, k=20, r=2, bias=True, blocksize=32)
+@pytest.mark.parametrize("k", [20, 64])  # rows ending mid-block, and rows of whole blocks (the byte-pair path)
+def test_gradcheck_fp64(k):
+    x, q, a, b, bias = _case(m=3, n=18, k=k, r=2, bias=True, blocksize=32)
     x = x.double().requires_grad_()
     a = a.double().requires_grad_()
     b = b.double().requires_grad_()
