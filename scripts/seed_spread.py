@@ -27,9 +27,9 @@ def spread(records: list[dict], metric: str) -> list[dict]:
         params = dict(rec["method"]["params"])
         seed = params.pop("seed", None)
         key = json.dumps([rec["model"]["name"], rec["method"]["name"], params, rec["suite"]["label"],
-                          rec.get("dataset", {}).get("protocol")], sort_keys=True)
+                          (rec.get("dataset") or {}).get("protocol")], sort_keys=True)
         group = groups.setdefault(key, {"model": rec["model"]["name"], "method": rec["method"]["name"],
-                                        "params": params, "protocol": rec.get("dataset", {}).get("protocol"),
+                                        "params": params, "protocol": (rec.get("dataset") or {}).get("protocol"),
                                         "values": {}})
         group["values"][seed] = rec["metrics"][metric]["value"]
     rows = []
