@@ -119,7 +119,8 @@ def _limit(value: str | None, device: str) -> tuple[int | None, list[str]]:
 
 @main.command()
 @click.option("--methods", "methods_", multiple=True, help="e.g. fp16,nf4:blocksize=128,double_quant=false,gptq:bits=3")
-@click.option("--models", multiple=True, help="smollm2-135m (default), tiny-llama, a model directory or hub id")
+@click.option("--models", multiple=True, help="smollm2-135m (default), tiny-llama, random:DIR (random weights in DIR/config.json's "
+              "architecture: speed and memory only), a model directory or hub id")
 @click.option("--suites", "suites_", multiple=True, help="e.g. memory,latency,perplexity:seqlen=512")
 @click.option("--dataset", default="wikitext2", show_default=True, help="wikitext2, c4, or a .txt/.jsonl file")
 @click.option("--data-dir", default=None, help="folder laid out like shared/data (else $QBENCH_DATA_DIR, else the hub)")

@@ -40,7 +40,9 @@ def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, intermediate: i
 
 
 # ---------------------------------------------------------------------------------------------
-# Model specs: "smollm2-135m" (the demo), "tiny-llama", a local directory, or a hub id.
+# Model specs: "smollm2-135m" (the demo), "tiny-llama", "random:DIR" (random weights in the
+# architecture of DIR/config.json: speed and memory without the weights, as optimum-benchmark's
+# no_weights), a local directory, or a hub id.
 
 import importlib.util  # noqa: E402
 import json  # noqa: E402
@@ -61,6 +63,9 @@ DEMO_NOTE = (
     "grid with groups of 32, which flatters 4-bit methods at group size 32"
 )
 TINY_MODEL = "tiny-llama"
+RANDOM_PREFIX = "random:"
+RANDOM_NOTE = ("random weights (seed 0) in the architecture of {config}: for memory, latency and quantization "
+               "time only; perplexity, KL and accuracy of such a model say nothing about a method")
 
 
 def cache_dir() -> Path:
@@ -130,6 +135,8 @@ def resolve_model(spec: str) -> dict[str, Any]:
         return {"name": DEMO_MODEL, "source": str(demo_gguf_path()), "kind": "demo", "note": DEMO_NOTE}
     if spec == TINY_MODEL:
         return {"name": TINY_MODEL, "source": "random (seed 0)", "kind": "tiny"}
+    if spec.startswith(RANDOM_PREFIX):
+        return _resolve_random(spec)
     path = Path(spec)
     if path.exists():
         if not path.is_dir():
@@ -153,12 +160,45 @@ def resolve_model(spec: str) -> dict[str, Any]:
     )
 
 
+def _resolve_random(spec: str) -> dict[str, Any]:
+    path = Path(spec[len(RANDOM_PREFIX):])
+    config = path / "config.json" if path.is_dir() else path
+    if not config.is_file():
+        raise QBenchError(f"model {spec}: no config.json at {config}; pass random:DIR with DIR/config.json "
+                          "(a Hugging Face model config)")
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (ValueError, AttributeError):
+        raise QBenchError(f"model {spec}: {config} is not a JSON object") from None
+    if not model_type:
+        raise QBenchError(f"model {spec}: {config} has no model_type; it must be a Hugging Face model config")
+    name = config.parent.name if config.name == "config.json" else config.stem
+    return {"name": f"random-{name}", "source": str(config.resolve()), "kind": "random",
+            "note": RANDOM_NOTE.format(config=config.name if config.name != "config.json" else f"{name}/config.json")}
+
+
+def _random_model(config_path: str, dtype: torch.dtype, device: str | torch.device):
+    """Random weights (seed 0) in a config's architecture, created on ``device`` (no CPU copy of a large model)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(config_path)
+    if getattr(config, "vocab_size", 0) < ByteTokenizer.vocab_size:
+        raise QBenchError(f"random model {config_path}: vocab_size {config.vocab_size} is below the "
+                          f"{ByteTokenizer.vocab_size} ids of the byte tokenizer it is driven with")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model, ByteTokenizer()
+
+
 def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                trust_remote_code: bool = False) -> LoadedModel:
     """Load a model in ``dtype`` on ``device``, in eval mode, with its tokenizer and a description."""
     info = resolve_model(spec)
     if info["kind"] == "tiny":
         model, tokenizer = tiny_llama(seed=0), ByteTokenizer()
+    elif info["kind"] == "random":
+        model, tokenizer = _random_model(info["source"], dtype, device)
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
