@@ -69,6 +69,16 @@ def _dataset_rows(ds) -> list[str]:
     return [r for r in ds["text"]]
 
 
+def check_dataset_name(name: str) -> None:
+    """Raise QBenchError for a dataset that cannot exist (unknown name, missing file) without loading
+    anything; whether wikitext2/c4 are present is only known by loading them."""
+    if name in ("wikitext2", "c4") or Path(name).is_file():
+        return
+    if Path(name).suffix in (".txt", ".jsonl", ".json", ".raw") or "/" in name:
+        raise QBenchError(f"dataset file {name} not found")
+    raise QBenchError(f"unknown dataset {name!r}; use wikitext2, c4, or a path to a .txt or .jsonl file")
+
+
 def load_text(name: str, split: str | None = None, data_dir: str | None = None) -> TextSource:
     """Resolve ``name`` (wikitext2, c4, or a .txt/.jsonl path) to a TextSource, or raise QBenchError
     saying where we looked and what to pass."""
@@ -111,13 +121,8 @@ def load_text(name: str, split: str | None = None, data_dir: str | None = None) 
             except Exception:
                 pass
     else:
-        path = Path(name)
-        looked.append(str(path))
-        if path.is_file():
-            return _load_file(path)
-        if path.suffix in (".txt", ".jsonl", ".json", ".raw") or "/" in name:
-            raise QBenchError(f"dataset file {name} not found")
-        raise QBenchError(f"unknown dataset {name!r}; use wikitext2, c4, or a path to a .txt or .jsonl file")
+        check_dataset_name(name)
+        return _load_file(Path(name))
     where = "; ".join(looked) if looked else "nowhere (no data dir set)"
     raise QBenchError(
         f"dataset {name} not found (looked in: {where}); pass --data-dir DIR or set QBENCH_DATA_DIR "

@@ -66,7 +66,7 @@ def check_device(device: str) -> None:
 
 def plan(config: RunConfig) -> list[dict[str, Any]]:
     """Validate everything and expand the matrix. Raises QBenchError before any cell runs."""
-    from qbench.data import encode, load_text
+    from qbench.data import check_dataset_name, encode, load_text
     from qbench.models import load_tokenizer, resolve_model
 
     if not config.methods:
@@ -83,8 +83,9 @@ def plan(config: RunConfig) -> list[dict[str, Any]]:
     for model in config.models:
         resolve_model(model)  # fails early: missing package, directory without weights...
     models = config.models
-    source = load_text(config.dataset, data_dir=config.data_dir)  # fails early, saying where it looked
-    if any(s.needs_dataset for s in suites):
+    check_dataset_name(config.dataset)  # a typo fails even where no suite reads the text
+    if any(s.needs_dataset for s in suites):  # memory/latency-only runs need no evaluation text (nor `datasets`)
+        source = load_text(config.dataset, data_dir=config.data_dir)  # fails early, saying where it looked
         checks = [s for s in suites if hasattr(s, "check_dataset")]
         for model in models if checks else []:
             tokenizer, max_length = load_tokenizer(model, config.trust_remote_code)
