@@ -129,7 +129,7 @@ def _compile_only(rec: _Recorder):
     def compile_run(self, *args, grid, warmup, **kwargs):
         meta = {k: v for k, v in kwargs.items() if k not in _HIDDEN_META}
         meta.update({name: str(a.dtype).replace("torch.", "") for name, a in zip(self.arg_names, args)
-                     if hasattr(a, "dtype") and name in ("x_ptr", "a_ptr", "x", "dy_ptr", "out_ptr")})
+                     if hasattr(a, "dtype") and name in ("x_ptr", "a_ptr", "g_ptr", "dy_ptr", "out_ptr")})
         variant = Variant(self.__name__, rec.case, meta)
         try:
             kernel = original_run(self, *args, grid=grid, warmup=True, **kwargs)
