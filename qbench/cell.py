@@ -111,9 +111,9 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str]) -> int:
     cell_path, result_path = Path(argv[0]), Path(argv[1])
     cell = json.loads(cell_path.read_text())
-    if cell.get("threads"):
-        import torch
+    import torch
 
+    if cell.get("threads"):
         torch.set_num_threads(int(cell["threads"]))
     try:
         result = run_cell(cell)
@@ -128,6 +128,7 @@ def main(argv: list[str]) -> int:
         result = {"status": "error",
                   "message": ("out of memory: " if is_oom else "") + f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
                   "traceback": traceback.format_exc()[-4000:]}
+    result["torch_threads"] = torch.get_num_threads()
     tmp = result_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, default=str))
     os.replace(tmp, result_path)

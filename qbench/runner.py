@@ -259,8 +259,10 @@ def make_record(cell: dict, result: dict, env: dict, duration: float) -> dict[st
         "timings": result.get("timings", {}),
         "duration_s": round(duration, 3),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "env": result.get("env") or env,  # a remote executor reports the worker's environment
+        "env": dict(result.get("env") or env),  # a remote executor reports the worker's environment
     }
+    if result.get("torch_threads"):  # what the cell process used (--threads), not the driver's default
+        record["env"]["torch_threads"] = result["torch_threads"]
     if record["status"] != "ok":
         record["message"] = result.get("message", "unknown error")
         if result.get("traceback"):

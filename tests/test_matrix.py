@@ -97,3 +97,11 @@ def test_kill_midway_then_rerun_finishes_each_cell_once(tmp_path):
     ids = [r["cell"] for r in recs]
     assert len(ids) == len(set(ids)) == 6
     assert {r["status"] for r in recs} == {"ok"}
+
+
+def test_records_carry_the_threads_the_cell_used(tmp_path):
+    out = tmp_path / "run"
+    args = ["run", "--methods", "fp32", "--models", "tiny-llama", "--suites", "memory", "--out", str(out)]
+    assert qbench_cli(*args, "--threads", "1").returncode == 0
+    record = json.loads((out / "records.jsonl").read_text().splitlines()[0])
+    assert record["env"]["torch_threads"] == 1
