@@ -286,11 +286,9 @@ def markdown(variants: list[Variant], arch: int, command: str | None = None) -> 
     import torch
     import triton
 
-    from qbench.records import git_commit
+    from qbench.records import produced_by
 
-    commit = git_commit()
-    produced = [f"Produced by `{command}`" if command else "Produced by qbench.kernels.compile_check",
-                f" at commit {commit.get('commit') or 'unknown'}{' (uncommitted changes)' if commit.get('dirty') else ''}",
+    produced = [produced_by(command or "python -m qbench.kernels.compile_check"),
                 f", torch {torch.__version__}; nothing was run, only compiled"
                 + (f" (a {torch.cuda.get_device_name()} was present)." if torch.cuda.is_available() else
                    ", on a machine without a GPU.")]

@@ -39,6 +39,14 @@ def git_commit() -> dict[str, Any]:
         return {"commit": None}
 
 
+def produced_by(command: str) -> str:
+    """"Produced by `command` at commit X" (noting uncommitted changes): the provenance line of a
+    result file written by a script rather than by ``qbench run``."""
+    commit = git_commit()
+    dirty = " (uncommitted changes)" if commit.get("dirty") else ""
+    return f"Produced by `{command}` at commit {commit.get('commit') or 'unknown'}{dirty}"
+
+
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from qbench.records import git_commit, latest_records  # noqa: E402
+from qbench.records import latest_records, produced_by  # noqa: E402
 
 
 def spread(records: list[dict], metric: str) -> list[dict]:
@@ -42,9 +42,7 @@ def spread(records: list[dict], metric: str) -> list[dict]:
 
 
 def markdown(rows: list[dict], metric: str, command: str) -> str:
-    commit = git_commit()
-    lines = [f"Produced by `{command}` at commit {commit.get('commit') or 'unknown'}"
-             f"{' (uncommitted changes)' if commit.get('dirty') else ''}.", "",
+    lines = [produced_by(command) + ".", "",
              f"| model | method | parameters (seed aside) | protocol | {metric} per seed | n | mean | sd | range |",
              "|---|---|---|---|---|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: (r["model"], r["method"], json.dumps(r["params"], sort_keys=True))):
