@@ -226,6 +226,9 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False):
         return ByteTokenizer(), 512
     from transformers import AutoConfig, AutoTokenizer
 
+    if info["kind"] == "random":
+        return ByteTokenizer(), int(getattr(AutoConfig.from_pretrained(info["source"]), "max_position_embeddings", 2048))
+
     where = str(_float_cache_of_demo()) if info["kind"] == "demo" else info["source"].removeprefix("hub:")
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)

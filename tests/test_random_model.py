@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from qbench.models import RANDOM_PREFIX, load_model, resolve_model, tiny_llama
+from qbench.models import RANDOM_PREFIX, load_model, load_tokenizer, resolve_model, tiny_llama
 from qbench.params import QBenchError
 from tests.test_cli_errors import check_one_line_error, qbench_cli
 
@@ -69,3 +69,8 @@ def test_memory_cell_on_a_random_model_records_the_note(config_dir, tmp_path):
     assert all(r["model"]["kind"] == "random" and "say nothing" in r["model"]["note"] for r in records)
     report = qbench_cli("report", str(out))
     assert "random weights (seed 0)" in report.stdout
+
+
+def test_tokenizer_check_before_cells_uses_the_byte_tokenizer(config_dir):
+    tokenizer, max_length = load_tokenizer(RANDOM_PREFIX + str(config_dir))
+    assert tokenizer.vocab_size == 259 and max_length == tiny_llama().config.max_position_embeddings
