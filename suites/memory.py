@@ -132,6 +132,10 @@ class MemorySuite(Suite):
                 if reset and rss_before is not None:
                     metrics["peak_activation_memory"] = Metric(peak - rss_before, "bytes")
             ctx.extra["peak_memory_kind"] = "process peak RSS (VmHWM)" + ("" if reset else ", not reset: includes loading")
+            ctx.notes.append("peak mem on CPU is the process's peak resident memory during one forward pass: it also "
+                             "holds the libraries a method imports and memory kept from loading or quantizing, so it "
+                             "differs between methods for reasons besides their forward pass; forward peak Δ (the "
+                             "rise during the pass) is the comparable part")
             if os.environ.get("OMP_NUM_THREADS"):
                 ctx.extra["omp_threads"] = os.environ["OMP_NUM_THREADS"]
         ctx.extra["peak_memory_seqlen"] = seqlen

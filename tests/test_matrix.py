@@ -105,3 +105,7 @@ def test_records_carry_the_threads_the_cell_used(tmp_path):
     assert qbench_cli(*args, "--threads", "1").returncode == 0
     record = json.loads((out / "records.jsonl").read_text().splitlines()[0])
     assert record["env"]["torch_threads"] == 1
+    # on CPU the process peak holds the process's history: the record says which number compares
+    if "not reset" not in record["extra"]["peak_memory_kind"]:  # the kernel let us reset the peak
+        assert record["metrics"]["peak_activation_memory"]["value"] > 0
+    assert any("forward peak Δ" in note for note in record["notes"])

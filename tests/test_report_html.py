@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from qbench.report import render
-from tests.fake_runs import standard_run
+from tests.fake_runs import MIB, record, standard_run, write_run
 from tests.helpers import qbench_cli
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -116,3 +116,13 @@ def screenshot_script() -> None:
 
 if __name__ == "__main__":
     screenshot_script()
+
+
+def test_forward_peak_column_only_when_measured(tmp_path):
+    assert "forward peak Δ (MiB)" not in render(standard_run(tmp_path / "without"), "csv").splitlines()[0]
+    recs = [record("fp16", "memory", {"bits_per_weight": 16, "quantized_layer_bytes": 8 * MIB, "peak_memory": 900 * MIB,
+                                      "peak_activation_memory": 48 * MIB})]
+    header, row = render(write_run(tmp_path / "with", recs), "csv").splitlines()[:2]
+    columns = header.split(",")
+    assert columns.index("forward peak Δ (MiB)") == columns.index("peak mem (MiB)") + 1
+    assert float(row.split(",")[columns.index("forward peak Δ (MiB)")]) == 48.0
