@@ -146,7 +146,7 @@ def _compile_only(rec: _Recorder):
     previous_driver = driver._active  # None on a machine without a GPU (reset_active would raise there)
     driver.set_active(CompileOnlyDriver())
     JITFunction.run, Autotuner.run = compile_run, autotune_run
-    modules = _kernel_modules()
+    modules = kernel_modules()
     saved = [(m, m.triton_can_run) for m in modules]
     for m in modules:
         m.triton_can_run = lambda t: True
@@ -164,7 +164,8 @@ def _compile_only(rec: _Recorder):
         driver._active = previous_driver
 
 
-def _kernel_modules():
+def kernel_modules():
+    """Every module of qbench.kernels that launches Triton kernels."""
     from qbench.kernels import absmax, affine, dequant_matmul, gptq_matmul, int8_matmul, lora_nf4, nf4, nf4_matmul
 
     return [absmax, affine, dequant_matmul, gptq_matmul, int8_matmul, lora_nf4, nf4, nf4_matmul]

@@ -27,12 +27,14 @@ import torch
 
 from qbench.kernels._triton import HAS_TRITON, INTERPRET, UPCAST_BF16, cdiv, triton_can_run
 from qbench.kernels.nf4 import NF4Tensor, dequantize_nf4_reference
-from qbench.kernels.nf4_matmul import _pair_tile
+from qbench.kernels.nf4_matmul import piece_bytes
 from qbench.params import QBenchError
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from qbench.kernels.nf4_matmul import _pair_tile  # defined only where triton imports
 
     @triton.jit
     def _dot(a, b, acc, IEEE: tl.constexpr):
@@ -178,8 +180,7 @@ def _blocks(rows: int, rank: int, q: NF4Tensor) -> dict[str, int]:
     else:
         blocks = {"BLOCK_M": 16 if rows <= 16 else (32 if rows <= 32 else 64), "BLOCK_N": 64, "PAIRS": 32,
                   "BLOCK_R": block_r, "num_warps": 4, "num_stages": 3}
-    # a piece never crosses a quantization block (both powers of two)
-    return {**blocks, "SUB": min(blocks["PAIRS"], q.blocksize // 2)}
+    return {**blocks, "SUB": piece_bytes(blocks["PAIRS"], q.blocksize)}
 
 
 def _nf4_args(q: NF4Tensor) -> tuple:

@@ -41,6 +41,12 @@ if HAS_TRITON:
 GEMV_MAX_ROWS = 4
 
 
+def piece_bytes(step: int, blocksize: int) -> int:
+    """Bytes per absmax piece for a step of ``step`` packed bytes: a piece never crosses a
+    quantization block (``blocksize // 2`` bytes; both powers of two, so the piece divides it)."""
+    return min(step, blocksize // 2)
+
+
 def nf4_matmul_reference(x: torch.Tensor, q: NF4Tensor) -> torch.Tensor:
     """``x @ W.T`` with W dequantized (in x's dtype) first; plain torch."""
     return x @ dequantize_nf4_reference(q, x.dtype).t()
@@ -270,8 +276,7 @@ if HAS_TRITON:
         tl.store(out_ptr + offs_m[:, None] * stride_om + offs_j[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=mask_m[:, None] & mask_j[None, :])
 
-    # A piece never crosses a quantization block: SUB divides BLOCKSIZE // 2 (both powers of two).
-    _piece = triton.heuristics({"SUB": lambda meta: min(meta["STEP"], meta["BLOCKSIZE"] // 2)})
+    _piece = triton.heuristics({"SUB": lambda meta: piece_bytes(meta["STEP"], meta["BLOCKSIZE"])})
     _nf4_gemv_aligned_kernel = _piece(_nf4_gemv_aligned_kernel)
     _nf4_gemm_aligned_kernel = _piece(_nf4_gemm_aligned_kernel)
     _nf4_grad_input_aligned_kernel = _piece(_nf4_grad_input_aligned_kernel)

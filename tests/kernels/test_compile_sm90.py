@@ -5,7 +5,6 @@ every return, tl.dot operand dtypes, register spills, shared memory per block). 
 ``python -m qbench.kernels.compile_check`` in a subprocess because this test session has
 ``TRITON_INTERPRET=1`` set before triton was imported.
 """
-import importlib
 import os
 import subprocess
 import sys
@@ -26,16 +25,14 @@ def _ptxas_available() -> bool:
 
 pytestmark = pytest.mark.skipif(not _ptxas_available(), reason="triton has no CUDA backend with ptxas here")
 
-KERNEL_MODULES = ["absmax", "affine", "dequant_matmul", "gptq_matmul", "int8_matmul", "lora_nf4", "nf4", "nf4_matmul"]
-
-
 def _launchable_kernels() -> set[str]:
     """Names of the @triton.jit kernels the launchers start (helpers are compiled inside them)."""
     from triton.runtime.jit import JITFunction
 
+    from qbench.kernels.compile_check import kernel_modules
+
     names = set()
-    for module_name in KERNEL_MODULES:
-        module = importlib.import_module(f"qbench.kernels.{module_name}")
+    for module in kernel_modules():
         for value in vars(module).values():
             while hasattr(value, "fn") and not isinstance(value, JITFunction):
                 value = value.fn  # Autotuner / Heuristics wrappers
