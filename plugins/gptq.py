@@ -141,6 +141,7 @@ class GPTQ(Method):
     description = ("GPTQ one-shot post-training quantization: Hessian-based error feedback on the min-max grid, "
                    "packed GPTQ checkpoint layout, fused Triton dequantize-matmul")
     needs_calibration = True
+    claims = [{"claim": "GPTQ loses <0.1 perplexity", "metric": "perplexity.ppl", "compare": "diff", "below": 0.1}]
     params = {
         "bits": Param(int, 4, "bits per weight", choices=SUPPORTED_BITS),
         "group_size": Param(int, 128, "input columns sharing a scale/zero (-1: one group per row)",

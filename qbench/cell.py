@@ -17,10 +17,17 @@ from typing import Any
 from qbench.params import QBenchError, QBenchSkip
 
 
-def _jsonable_metrics(metrics: dict) -> dict:
+def _jsonable_metrics(metrics: dict, suite=None) -> dict:
+    """Metrics as JSON, each with the spec its suite declares for it (title, direction...), so
+    reports need nothing but the record."""
     out = {}
-    for name, m in (metrics or {}).items():
+    metrics = metrics or {}
+    for name in suite.in_declared_order(metrics) if suite is not None else metrics:
+        m = metrics[name]
         out[name] = m.to_json() if hasattr(m, "to_json") else m
+        spec = suite.metric_spec(name) if suite is not None else None
+        if spec is not None and isinstance(out[name], dict):
+            out[name].update(spec.to_json())
     return out
 
 
@@ -95,7 +102,10 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     paths = sorted({m.kernel_path for m in model.modules() if hasattr(m, "kernel_path")})
     return {
         "status": "ok",
-        "metrics": _jsonable_metrics(metrics),
+        "metrics": _jsonable_metrics(metrics, suite),
+        "protocol": ctx.protocol,
+        "claims": ctx.claims,
+        "baseline_claims": list(getattr(method, "claims", [])),
         "extra": ctx.extra,
         "notes": ctx.notes + ([loaded.info["note"]] if loaded.info.get("note") else []),
         "model_info": loaded.info,

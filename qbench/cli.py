@@ -169,15 +169,17 @@ def run(methods_, models, suites_, dataset, data_dir, calibration, out, limit, d
 @main.command()
 @click.argument("run_dir")
 @click.option("--format", "fmt", default="md", show_default=True, type=click.Choice(["md", "csv", "json", "html"]))
+@click.option("--columns", default="headline", show_default=True, type=click.Choice(["headline", "all"]),
+              help="headline columns, or every metric the suites describe (all batch sizes, configurations...)")
 @click.option("-o", "--output", default=None, help="write to this file instead of stdout")
 @user_errors
-def report(run_dir, fmt, output):
+def report(run_dir, fmt, columns, output):
     """Render the leaderboard of RUN_DIR as markdown, csv, json or html."""
     from qbench.report import render
 
     if not Path(run_dir).is_dir():
         raise QBenchError(f"run directory {run_dir} does not exist")
-    text = render(Path(run_dir), fmt)
+    text = render(Path(run_dir), fmt, columns)
     if output:
         target = Path(output)
         tmp = target.with_name(target.name + ".tmp")

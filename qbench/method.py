@@ -22,6 +22,9 @@ class Method:
     * ``needs_calibration``: ``quantize`` gets a :class:`qbench.data.Calibration` (else None).
     * ``cacheable``: the quantized model is saved to the on-disk cache and reloaded by later cells.
     * ``can_train`` / :meth:`train`: methods that fine-tune (QLoRA) run a train stage first.
+    * ``claims``: what the notes say of this method against the unquantized baseline, for the report
+      to check, e.g. ``{"claim": "GPTQ loses <0.1 perplexity", "metric": "perplexity.ppl",
+      "compare": "diff", "below": 0.1}`` (``compare``: diff, ratio or percent; ``below`` or ``above``).
     """
 
     name: ClassVar[str] = ""
@@ -30,6 +33,7 @@ class Method:
     needs_calibration: ClassVar[bool] = False
     cacheable: ClassVar[bool] = True
     can_train: ClassVar[bool] = False
+    claims: ClassVar[list[dict[str, Any]]] = []
 
     def __init__(self, **params: Any):
         self.values = validate_params(f"method {self.name}", self.params, params)

@@ -134,7 +134,8 @@ def resolve_model(spec: str) -> dict[str, Any]:
     if spec in (DEMO_MODEL, "demo"):
         return {"name": DEMO_MODEL, "source": str(demo_gguf_path()), "kind": "demo", "note": DEMO_NOTE}
     if spec == TINY_MODEL:
-        return {"name": TINY_MODEL, "source": "random (seed 0)", "kind": "tiny"}
+        return {"name": TINY_MODEL, "source": "random (seed 0)", "kind": "tiny",
+                "note": RANDOM_NOTE.format(config="a 2-layer llama config (tiny-llama)")}
     if spec.startswith(RANDOM_PREFIX):
         return _resolve_random(spec)
     path = Path(spec)

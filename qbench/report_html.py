@@ -13,10 +13,12 @@ import base64
 import html
 import io
 import math
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from qbench.leaderboard import baseline_row, column_for
+
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and not (isinstance(v, float) and math.isnan(v))
@@ -78,16 +80,6 @@ STYLE = (
 )
 
 
-def _baseline(board: pd.DataFrame, model: str) -> dict | None:
-    from qbench.report import BASELINES
-
-    for name in BASELINES:
-        match = board[(board["model"] == model) & (board["method"] == name)]
-        if len(match):
-            return match.iloc[0].to_dict()
-    return None
-
-
 def _points(board: pd.DataFrame, x: str, y: str) -> list[tuple[str, str, float, float]]:
     out = []
     if x not in board.columns or y not in board.columns:
@@ -112,18 +104,24 @@ def plots(board: pd.DataFrame) -> list[tuple[str, str]]:
     import matplotlib.pyplot as plt
 
     figures = []
-    uses_kl = "KL mean" in board.columns and board["KL mean"].notna().any()
-    quality, quality_label = ("KL mean", "KL divergence from FP32 (nats/token, mean)") if uses_kl else ("ppl", "perplexity")
+    kl, ppl, bits = column_for(board, "fidelity.kl_mean"), column_for(board, "perplexity.ppl"), column_for(
+        board, "memory.bits_per_weight")
+    memory_ratio = column_for(board, "memory.quantized_layer_bytes:ratio")
+    speedup = column_for(board, "latency.decode_tok_s_b1:ratio")
+    uses_kl = kl is not None and board[kl].notna().any()
+    quality, quality_label = (kl, "KL divergence from FP32 (nats/token, mean)") if uses_kl else (ppl, "perplexity")
     for x, y, title, xlabel, ylabel, reference in (
-        ("bits/weight", quality, f"{quality_label} vs bits per weight", "bits per weight (quantized layers)",
+        (bits, quality, f"{quality_label} vs bits per weight", "bits per weight (quantized layers)",
          quality_label, quality),
-        ("memory saved (%)", "decode speed-up", "decode speed-up vs memory saved", "memory saved vs FP16 (%)",
+        ("memory saved (%)", speedup, "decode speed-up vs memory saved", "memory saved vs FP16 (%)",
          "decode speed-up vs FP16 (×, batch 1)", None),
     ):
+        if x is None or y is None:
+            continue
         data = board.copy()
-        if "memory vs fp16" in data.columns:
+        if memory_ratio is not None:
             data["memory saved (%)"] = [None if not _is_number(v) else round(100 * (1 - float(v)), 2)
-                                        for v in data["memory vs fp16"]]
+                                        for v in data[memory_ratio]]
         points = _points(data, x, y)
         if not points:
             continue
@@ -134,7 +132,7 @@ def plots(board: pd.DataFrame) -> list[tuple[str, str]]:
             ax.scatter([p[2] for p in mine], [p[3] for p in mine], label=model if len(models) > 1 else None, zorder=3)
             for _, method, px, py in mine:
                 ax.annotate(method, (px, py), textcoords="offset points", xytext=(4, 4), fontsize=8)
-            base = _baseline(data, model)
+            base = baseline_row(data, model)
             if reference is not None and base is not None and _is_number(base.get(reference)):
                 ax.axhline(float(base[reference]), linestyle="--", color="gray", linewidth=1,
                            label=f"{base['method']} ({model})")
@@ -182,10 +180,3 @@ def render_html(frame: pd.DataFrame, board: pd.DataFrame, context: list[str], cl
         f"<h2>Context</h2><ul>{items}</ul>{claim_html}"
         f"<script>{SORT_JS}</script></body></html>\n"
     )
-
-
-def write_page(run_dir: Path, target: Path) -> Path:
-    from qbench.report import render
-
-    target.write_text(render(run_dir, "html"))
-    return target

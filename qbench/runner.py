@@ -86,7 +86,7 @@ def plan(config: RunConfig) -> list[dict[str, Any]]:
     check_dataset_name(config.dataset)  # a typo fails even where no suite reads the text
     if any(s.needs_dataset for s in suites):  # memory/latency-only runs need no evaluation text (nor `datasets`)
         source = load_text(config.dataset, data_dir=config.data_dir)  # fails early, saying where it looked
-        checks = [s for s in suites if hasattr(s, "check_dataset")]
+        checks = [s for s in suites if s.needs_dataset]
         for model in models if checks else []:
             tokenizer, max_length = load_tokenizer(model, config.trust_remote_code)
             tokens = encode(tokenizer, source.text()).numel()
@@ -236,8 +236,8 @@ def make_record(cell: dict, result: dict, env: dict, duration: float) -> dict[st
     dataset = None
     if cell.get("dataset"):
         dataset = {"name": cell["dataset"], **(result.get("dataset") or {})}
-        if "protocol" in result.get("extra", {}):
-            dataset["protocol"] = result["extra"]["protocol"]
+        if result.get("protocol"):
+            dataset["protocol"] = result["protocol"]
     record = {
         "cell": cell["id"],
         "status": result.get("status", "error"),
@@ -256,6 +256,8 @@ def make_record(cell: dict, result: dict, env: dict, duration: float) -> dict[st
         "method_report": result.get("method_report"),
         "kernel_paths": result.get("kernel_paths"),
         "notes": result.get("notes", []),
+        "claims": result.get("claims", []),
+        "baseline_claims": result.get("baseline_claims", []),
         "timings": result.get("timings", {}),
         "duration_s": round(duration, 3),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

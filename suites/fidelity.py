@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from qbench import hookimpl
 from qbench.data import encode
 from qbench.params import Param, QBenchError
-from qbench.suite import CellContext, Metric, Suite
+from qbench.suite import CellContext, Metric, MetricSpec, Suite
 
 REFERENCE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
@@ -85,6 +85,17 @@ class FidelitySuite(Suite):
                            "memory on a GPU)", choices=tuple(REFERENCE_DTYPES)),
     }
 
+    metrics = {
+        "kl_mean": MetricSpec("KL mean (nats/token)", higher_is_better=False),
+        "kl_median": MetricSpec("KL median (nats/token)", higher_is_better=False, headline=False),
+        "kl_p99": MetricSpec("KL p99 (nats/token)", higher_is_better=False),
+        "kl_max": MetricSpec("KL max (nats/token)", higher_is_better=False, headline=False),
+        "top1_agreement": MetricSpec("top-1 agree", higher_is_better=True),
+        "ppl": MetricSpec("ppl (fidelity windows)", higher_is_better=False),
+        "ppl_reference": MetricSpec("reference ppl (fidelity windows)", higher_is_better=False, headline=False),
+        "eval_tokens_per_s": MetricSpec("fidelity eval (tok/s)", higher_is_better=True, headline=False),
+    }
+
     def check_dataset(self, source, tokens: int, max_length: int) -> str | None:
         seqlen = min(self.values["seqlen"], max_length)
         if tokens < seqlen:
@@ -123,7 +134,7 @@ class FidelitySuite(Suite):
             protocol += f"/first-{used}"
             ctx.notes.append(f"fidelity over the first {used} of {available} windows (--limit); "
                              f"pass --limit all for the whole text")
-        ctx.extra["protocol"] = protocol
+        ctx.protocol = protocol
         ctx.extra["reference"] = {"model": reference_spec(ctx.model_info), "dtype": ref_name,
                                   "device": str(ctx.device)}
         ctx.extra["windows"] = {"used": used, "available": available, "tokens": int(ids.numel()),

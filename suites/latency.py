@@ -12,7 +12,7 @@ import torch
 
 from qbench import hookimpl
 from qbench.params import Param
-from qbench.suite import CellContext, Metric, Suite
+from qbench.suite import CellContext, Metric, MetricSpec, Suite
 
 
 def _batch_sizes(text: str) -> list[int]:
@@ -66,6 +66,19 @@ class LatencySuite(Suite):
         "batch_sizes": Param(str, "1+4", "batch sizes joined by '+'", check=_check_batch_sizes),
         "repeats": Param(int, 3, "timed repeats", check=lambda v: None if v > 0 else "must be positive"),
         "warmup": Param(int, 1, "untimed warm-up runs", check=lambda v: None if v >= 0 else "must be >= 0"),
+    }
+
+    # Batch 1 is the headline (decode is memory-bound there); other batch sizes with --columns all.
+    metrics = {
+        "prefill_ms_b1": MetricSpec("prefill b1 (ms)", higher_is_better=False),
+        "decode_tok_s_b1": MetricSpec("decode b1 (tok/s)", higher_is_better=True, vs_baseline="ratio",
+                                      baseline_title="decode speed-up"),
+        "prefill_ms_b*": MetricSpec("prefill b{0} (ms)", higher_is_better=False, headline=False),
+        "decode_tok_s_b*": MetricSpec("decode b{0} (tok/s)", higher_is_better=True, headline=False,
+                                      vs_baseline="ratio", baseline_title="decode speed-up b{0}"),
+        "prefill_ms_p90_b*": MetricSpec("prefill p90 b{0} (ms)", higher_is_better=False, headline=False),
+        "decode_tok_s_p10_b*": MetricSpec("decode p10 b{0} (tok/s)", higher_is_better=True, headline=False),
+        "decode_ms_per_step_p90_b*": MetricSpec("decode step p90 b{0} (ms)", higher_is_better=False, headline=False),
     }
 
     def measure(self, ctx: CellContext) -> dict[str, Metric]:

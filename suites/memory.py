@@ -18,10 +18,11 @@ import torch
 from qbench import hookimpl
 from qbench.method import QuantizedLinear, quantizable_linears, quantized_modules
 from qbench.params import Param
-from qbench.suite import CellContext, Metric, Suite
+from qbench.suite import CellContext, Metric, MetricSpec, Suite
 
 # The seeds' bytes-per-parameter table, by the bits of the code.
 SEED_BYTES_PER_PARAM = {32: 4.0, 16: 2.0, 8: 1.0, 4: 0.5}
+CLAIM_TOLERANCE_PCT = 15  # the notes round (4-bit "≈ 0.5"): within 15% of the table counts as holding
 
 
 def model_bytes(model: torch.nn.Module) -> int:
@@ -85,6 +86,19 @@ class MemorySuite(Suite):
         "seqlen": Param(int, 512, "tokens in the forward pass whose peak memory is measured",
                         check=lambda v: None if v > 0 else "must be positive"),
     }
+    metrics = {
+        "bits_per_weight": MetricSpec("bits/weight", higher_is_better=False),
+        "bytes_per_weight": MetricSpec("bytes/weight", higher_is_better=False),
+        "seed_claim_bytes_per_param": MetricSpec("notes' bytes/param"),
+        "overhead_vs_seed_claim": MetricSpec("overhead vs notes (%)", higher_is_better=False, headline=False),
+        "quantized_layer_bytes": MetricSpec("quantized layers (MiB)", higher_is_better=False, display_unit="MiB",
+                                            vs_baseline="ratio", baseline_title="memory vs fp16"),
+        "quantized_weights": MetricSpec("quantized weights", headline=False),
+        "model_bytes": MetricSpec("model (MiB)", higher_is_better=False, display_unit="MiB"),
+        "model_bytes_per_param": MetricSpec("model bytes/param", higher_is_better=False, headline=False),
+        "peak_memory": MetricSpec("peak mem (MiB)", higher_is_better=False, display_unit="MiB"),
+        "peak_activation_memory": MetricSpec("forward peak Δ (MiB)", higher_is_better=False, display_unit="MiB"),
+    }
 
     def measure(self, ctx: CellContext) -> dict[str, Metric]:
         model = ctx.model
@@ -103,7 +117,13 @@ class MemorySuite(Suite):
         if nominal in SEED_BYTES_PER_PARAM:
             claim = SEED_BYTES_PER_PARAM[nominal]
             metrics["seed_claim_bytes_per_param"] = Metric(claim, "bytes")
-            metrics["overhead_vs_seed_claim"] = Metric(round(100 * (bits / 8 / claim - 1), 2), "%")
+            off = 100 * (bits / 8 / claim - 1)
+            metrics["overhead_vs_seed_claim"] = Metric(round(off, 2), "%")
+            if weights:
+                holds = abs(off) <= CLAIM_TOLERANCE_PCT
+                ctx.claims.append({"claim": f"{claim:g} bytes per parameter",
+                                   "measured": f"{bits / 8:.4g} bytes/weight in the quantized layers ({off:+.1f}%)",
+                                   "verdict": f"{'holds' if holds else 'does not hold'} (within {CLAIM_TOLERANCE_PCT}%)"})
 
         seqlen = min(self.values["seqlen"], ctx.model_info.get("max_length", self.values["seqlen"]))
         gen = torch.Generator().manual_seed(ctx.seed)

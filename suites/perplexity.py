@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from qbench import hookimpl
 from qbench.data import encode
 from qbench.params import Param, QBenchError
-from qbench.suite import CellContext, Metric, Suite
+from qbench.suite import CellContext, Metric, MetricSpec, Suite
 
 
 def windows(ids: torch.Tensor, seqlen: int, limit: int | None) -> torch.Tensor:
@@ -48,6 +48,12 @@ class PerplexitySuite(Suite):
                        check=lambda v: None if v > 0 else "must be positive"),
     }
 
+    metrics = {
+        "ppl": MetricSpec("ppl", higher_is_better=False, vs_baseline="diff", baseline_title="ppl Δ vs fp16"),
+        "nll": MetricSpec("NLL (nats/token)", higher_is_better=False, headline=False),
+        "eval_tokens_per_s": MetricSpec("ppl eval (tok/s)", higher_is_better=True, headline=False),
+    }
+
     def check_dataset(self, source, tokens: int, max_length: int) -> str | None:
         """Checked before any cell starts: at least one full window."""
         seqlen = min(self.values["seqlen"], max_length)
@@ -76,7 +82,7 @@ class PerplexitySuite(Suite):
         protocol = f"{ctx.dataset.name}/gptq-s{seqlen}"
         if len(nlls) < total_windows:
             protocol += f"/first-{len(nlls)}"
-        ctx.extra["protocol"] = protocol
+        ctx.protocol = protocol
         ctx.extra["windows"] = {"used": len(nlls), "available": total_windows, "tokens": int(ids.numel()),
                                 "dropped_tail_tokens": int(ids.numel() - total_windows * seqlen)}
         if len(nlls) < total_windows:

@@ -29,7 +29,7 @@ def test_suite_matches_independent_computation():
     expected = straightforward_ppl(model, ids, 96, 3)
     assert abs(metrics["ppl"].value - expected) / expected < 1e-4
     assert metrics["windows"].value == 3
-    assert ctx.extra["protocol"] == "wikitext2/gptq-s96/first-3"
+    assert ctx.protocol == "wikitext2/gptq-s96/first-3"
     assert ctx.extra["windows"]["available"] == ids.numel() // 96
 
 

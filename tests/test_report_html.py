@@ -2,6 +2,7 @@
 plots (base64 PNG); says so when matplotlib is missing; md/csv/json unchanged. Rendered in headless
 Chromium (screenshot + DOM after sorting) where /usr/bin/chromium exists."""
 import base64
+import io
 import json
 import re
 import shutil
@@ -9,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from qbench.report import render
@@ -29,7 +31,7 @@ def test_html_page_has_sortable_table_and_plots(tmp_path):
     assert "<table id='leaderboard'" in page and "addEventListener('click'" in page
     for method in ("fp16", "int8-absmax", "nf4"):
         assert f">{method}</td>" in page
-    for column in ("bits/weight", "ppl", "KL mean", "top-1 agree", "decode speed-up"):
+    for column in ("bits/weight", "ppl", "KL mean (nats/token)", "top-1 agree", "decode speed-up"):
         assert f">{column}</th>" in page
     pngs = images(page)
     assert len(pngs) == 2 and all(p.startswith(PNG) and len(p) > 5000 for p in pngs)
@@ -56,7 +58,8 @@ def test_without_matplotlib_the_page_says_so(tmp_path, monkeypatch):
 def test_other_formats_still_work(tmp_path):
     run = standard_run(tmp_path / "run")
     assert "| nf4" in render(run, "md")
-    assert render(run, "csv").splitlines()[0].startswith("model,method")
+    csv = render(run, "csv")
+    assert csv.startswith("# ") and '\n"model","method",' in csv  # context first, as comment lines
     rows = json.loads(render(run, "json"))["leaderboard"]
     assert {r["method"] for r in rows} == {"fp16", "int8-absmax", "nf4"}
     out = tmp_path / "board.html"
@@ -68,8 +71,8 @@ def test_other_formats_still_work(tmp_path):
 def test_fidelity_columns_in_every_format_only_when_measured(tmp_path):
     with_kl = standard_run(tmp_path / "with")
     rows = {r["method"]: r for r in json.loads(render(with_kl, "json"))["leaderboard"]}
-    assert rows["nf4"]["KL mean"] == 0.03 and rows["nf4"]["top-1 agree"] == 1 - 3 * 0.03
-    assert "KL p99" in render(with_kl, "csv").splitlines()[0]
+    assert rows["nf4"]["KL mean (nats/token)"] == 0.03 and rows["nf4"]["top-1 agree"] == 1 - 3 * 0.03
+    assert "KL p99 (nats/token)" in render(with_kl, "csv").splitlines()[-4]  # the header, after the context
     assert "KL mean" in render(with_kl, "md").splitlines()[0]
     without = standard_run(tmp_path / "without", with_fidelity=False)
     assert "KL" not in render(without, "md").splitlines()[0]
@@ -118,11 +121,25 @@ if __name__ == "__main__":
     screenshot_script()
 
 
+def read_csv_report(text: str) -> pd.DataFrame:
+    return pd.read_csv(io.StringIO(text), comment="#")
+
+
 def test_forward_peak_column_only_when_measured(tmp_path):
-    assert "forward peak Δ (MiB)" not in render(standard_run(tmp_path / "without"), "csv").splitlines()[0]
+    assert "forward peak Δ (MiB)" not in read_csv_report(render(standard_run(tmp_path / "without"), "csv")).columns
     recs = [record("fp16", "memory", {"bits_per_weight": 16, "quantized_layer_bytes": 8 * MIB, "peak_memory": 900 * MIB,
                                       "peak_activation_memory": 48 * MIB})]
-    header, row = render(write_run(tmp_path / "with", recs), "csv").splitlines()[:2]
-    columns = header.split(",")
+    board = read_csv_report(render(write_run(tmp_path / "with", recs), "csv"))
+    columns = list(board.columns)
     assert columns.index("forward peak Δ (MiB)") == columns.index("peak mem (MiB)") + 1
-    assert float(row.split(",")[columns.index("forward peak Δ (MiB)")]) == 48.0
+    assert board["forward peak Δ (MiB)"][0] == 48.0
+
+
+def test_csv_context_lines_are_comments_pandas_skips(tmp_path):
+    run = standard_run(tmp_path / "run")
+    text = render(run, "csv")
+    context = [line for line in text.splitlines() if line.startswith("# ")]
+    assert any("perplexity protocol: wikitext2/gptq-s64/first-2" in line for line in context)
+    assert any("fidelity protocol: wikitext2/fidelity-s512-vs-fp32/first-2" in line for line in context)
+    board = read_csv_report(text)
+    assert list(board["method"]) == ["fp16", "int8-absmax", "nf4"] and board["ppl"].tolist() == [12.0, 12.1, 12.5]

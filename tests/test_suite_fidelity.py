@@ -39,7 +39,7 @@ def test_fp32_against_itself_is_exactly_zero():
     assert m["top1_agreement"].value == 1.0
     assert m["ppl"].value == m["ppl_reference"].value
     assert m["tokens"].value == 2 * 63 and m["windows"].value == 2
-    assert ctx.extra["protocol"] == "mytext.txt/fidelity-s64-vs-fp32/first-2"
+    assert ctx.protocol == "mytext.txt/fidelity-s64-vs-fp32/first-2"
     assert ctx.extra["reference"]["model"] == "tiny-llama"
 
 
@@ -96,7 +96,7 @@ def test_half_precision_reference():
     ctx = context(model, loaded, limit=1)
     m = FidelitySuite(seqlen=64, reference="bfloat16").measure(ctx)
     assert 0 < m["kl_mean"].value < 0.01  # bf16 rounding of the reference only
-    assert ctx.extra["protocol"] == "mytext.txt/fidelity-s64-vs-bf16/first-1"
+    assert ctx.protocol == "mytext.txt/fidelity-s64-vs-bf16/first-1"
 
 
 def test_qbench_run_on_a_users_text_file(tmp_path):
