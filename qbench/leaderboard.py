@@ -19,6 +19,9 @@ from qbench.suite import MetricSpec
 BASELINES = ("fp16", "bf16", "fp32")
 DISPLAY_UNITS = {("bytes", "MiB"): 2.0**-20, ("bytes", "GiB"): 2.0**-30, ("fraction", "%"): 100.0}
 COLUMN_CHOICES = ("headline", "all")
+# Suffixes of the frame columns holding a metric's uncertainty, and of the board columns showing it.
+STDERR, CI_LOW, CI_HIGH = "#stderr", "#ci_low", "#ci_high"
+UNCERTAINTY_TITLES = {STDERR: "{} ±", CI_LOW: "{} CI low", CI_HIGH: "{} CI high"}
 
 
 def _spec_of(rec: dict, name: str, metric: Any) -> MetricSpec | None:
@@ -66,6 +69,10 @@ def load_frame(run_dir: Path) -> pd.DataFrame:
         for name, metric in (rec.get("metrics") or {}).items():
             key = f"{rec['suite']['name']}.{name}"
             row[key] = metric.get("value") if isinstance(metric, dict) else metric
+            if isinstance(metric, dict) and metric.get("stderr") is not None:
+                row[f"{key}{STDERR}"] = metric["stderr"]
+            if isinstance(metric, dict) and metric.get("ci") is not None:
+                row[f"{key}{CI_LOW}"], row[f"{key}{CI_HIGH}"] = metric["ci"]
             if key not in specs:
                 spec = _spec_of(rec, name, metric)
                 if spec is not None:
@@ -85,6 +92,28 @@ def _aggregate(values: pd.Series, how: str):
         if len(numbers) == len(values):
             return float(getattr(numbers, how)())
     return values.iloc[0] if how == "first" else values.iloc[-1]
+
+
+def _uncertainty(group: pd.DataFrame, key: str, how: str) -> dict[str, float]:
+    """The stderr / CI bounds of the value ``_aggregate`` picked for ``key`` in ``group`` (for a mean
+    of independent values: the stderr of the mean; CIs are not combined)."""
+    out = {}
+    values = group[key].dropna() if key in group else pd.Series(dtype=float)
+    if not len(values):
+        return out
+    for suffix in (STDERR, CI_LOW, CI_HIGH):
+        col = f"{key}{suffix}"
+        if col not in group:
+            continue
+        if how == "mean" and len(values) > 1:
+            errors = group.loc[values.index, col]
+            if suffix == STDERR and errors.notna().all():
+                out[suffix] = float((errors.astype(float) ** 2).sum() ** 0.5 / len(values))
+            continue
+        picked = group.loc[values.index[0] if how == "first" else values.index[-1], col]
+        if _present(picked):
+            out[suffix] = float(picked)
+    return out
 
 
 def _display(value, unit: str, spec: MetricSpec):
@@ -131,6 +160,8 @@ def leaderboard(frame: pd.DataFrame, columns: str = "headline") -> pd.DataFrame:
         for key, spec, title in chosen:
             values = group[key].dropna() if key in group else pd.Series(dtype=float)
             row[title] = _display(_aggregate(values, spec.aggregate), units.get(key, ""), spec)
+            for suffix, value in _uncertainty(group, key, spec.aggregate).items():
+                row[UNCERTAINTY_TITLES[suffix].format(title)] = _display(value, units.get(key, ""), spec)
         paths = sorted({p for v in group["kernel_paths"].dropna() for p in v.split(",") if p})
         row["kernels"] = ",".join(paths) or None
         q = group["quantize_s"].dropna()
@@ -142,10 +173,14 @@ def leaderboard(frame: pd.DataFrame, columns: str = "headline") -> pd.DataFrame:
     board = pd.DataFrame(out_rows)
     if board.empty:
         return board
-    order, keys = ["model", "method"], {}
+    order, keys, uncertainty = ["model", "method"], {}, {}
     for key, spec, title in chosen:
         order.append(title)
         keys[title] = key
+        for suffix, template in UNCERTAINTY_TITLES.items():
+            if template.format(title) in board.columns:
+                order.append(template.format(title))
+                uncertainty.setdefault(title, {})[suffix] = template.format(title)
         if spec.vs_baseline:
             derived = spec.baseline_title if spec.baseline_title not in keys else f"{spec.baseline_title} [{key}]"
             board[derived] = [_against((baseline_row(board, r["model"]) or {}).get(title), r[title], spec.vs_baseline)
@@ -153,11 +188,36 @@ def leaderboard(frame: pd.DataFrame, columns: str = "headline") -> pd.DataFrame:
             order.append(derived)
             keys[derived] = f"{key}:{spec.vs_baseline}"
     order += ["quantize (s)", "kernels", "status"]
-    metric_titles = set(keys)
+    metric_titles = set(keys) | {c for cols in uncertainty.values() for c in cols.values()}
     shown = [c for c in order if not (c in metric_titles and board[c].isna().all())]
     board = board[shown]
     board.attrs["keys"] = {t: k for t, k in keys.items() if t in shown}
+    # title -> {suffix: column}: the columns holding each shown metric's stderr / CI bounds
+    board.attrs["uncertainty"] = {t: {s: c for s, c in cols.items() if c in shown}
+                                  for t, cols in uncertainty.items() if t in shown}
     return board
+
+
+def with_uncertainty_in_cells(board: pd.DataFrame) -> pd.DataFrame:
+    """For reading: each value with its uncertainty in one cell ("0.652 ± 0.011", "1.52 [1.41, 1.63]"),
+    the separate uncertainty columns dropped. Blank where nothing was measured."""
+    shown = board.astype(object).where(board.notna(), None)
+    drop = []
+    for title, cols in board.attrs.get("uncertainty", {}).items():
+        cells = []
+        for i, value in enumerate(shown[title]):
+            if value is None or isinstance(value, str):
+                cells.append(value)
+                continue
+            text = f"{value:.6g}"
+            if STDERR in cols and shown[cols[STDERR]].iloc[i] is not None:
+                text += f" ± {shown[cols[STDERR]].iloc[i]:.2g}"
+            if CI_LOW in cols and CI_HIGH in cols and shown[cols[CI_LOW]].iloc[i] is not None:
+                text += f" [{shown[cols[CI_LOW]].iloc[i]:.4g}, {shown[cols[CI_HIGH]].iloc[i]:.4g}]"
+            cells.append(text)
+        shown[title] = cells
+        drop.extend(cols.values())
+    return shown.drop(columns=drop)
 
 
 def column_for(board: pd.DataFrame, key: str) -> str | None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from qbench.leaderboard import claim_lines, leaderboard, load_frame
+from qbench.leaderboard import claim_lines, leaderboard, load_frame, with_uncertainty_in_cells
 from qbench.params import QBenchError
 
 
@@ -68,7 +68,7 @@ def render(run_dir: Path, fmt: str, columns: str = "headline") -> str:
         return json.dumps({"leaderboard": json.loads(board.to_json(orient="records")),
                            "context": context, "claims": claims}, indent=1)
     if fmt == "md":
-        shown = board.astype(object).where(board.notna(), None)  # a value not measured is blank, not "nan"
+        shown = with_uncertainty_in_cells(board)  # "0.652 ± 0.011"; a value not measured is blank, not "nan"
         table = shown.to_markdown(index=False, floatfmt="g", missingval="")
         text = table + "\n\n" + "\n".join(f"- {line}" for line in context) + "\n"
         if claims:

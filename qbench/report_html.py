@@ -17,26 +17,30 @@ from typing import Any
 
 import pandas as pd
 
-from qbench.leaderboard import baseline_row, column_for
+from qbench.leaderboard import baseline_row, column_for, with_uncertainty_in_cells
 
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and not (isinstance(v, float) and math.isnan(v))
 
 
-def _cell(v: Any) -> str:
+def _cell(v: Any, text: Any = None) -> str:
+    """A table cell sorted by ``v`` and showing ``text`` (the value with its uncertainty) or ``v``."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "<td data-v=''>—</td>"
     if _is_number(v):
-        return f"<td class='num' data-v='{float(v)!r}'>{float(v):.6g}</td>"
+        shown = html.escape(str(text)) if isinstance(text, str) else f"{float(v):.6g}"
+        return f"<td class='num' data-v='{float(v)!r}'>{shown}</td>"
     text = html.escape(str(v))
     return f"<td data-v='{text}'>{text}</td>"
 
 
 def table_html(board: pd.DataFrame) -> str:
-    head = "".join(f"<th title='click to sort'>{html.escape(str(c))}</th>" for c in board.columns)
-    rows = "".join("<tr>" + "".join(_cell(v) for v in row) + "</tr>"
-                   for row in board.astype(object).itertuples(index=False))
+    shown = with_uncertainty_in_cells(board)  # the value ± its uncertainty, sorted by the value
+    head = "".join(f"<th title='click to sort'>{html.escape(str(c))}</th>" for c in shown.columns)
+    values = board[list(shown.columns)].astype(object)
+    rows = "".join("<tr>" + "".join(_cell(v, t) for v, t in zip(vrow, trow)) + "</tr>"
+                   for vrow, trow in zip(values.itertuples(index=False), shown.itertuples(index=False)))
     return f"<table id='leaderboard' class='leaderboard'><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
 
 

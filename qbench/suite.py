@@ -25,16 +25,21 @@ BASELINE_COMPARISONS = ("diff", "ratio", "percent")
 
 @dataclass(frozen=True)
 class Metric:
-    """One measured value. ``stderr``: its standard error where the suite knows one."""
+    """One measured value, with its uncertainty where the suite knows it: ``stderr`` (a standard
+    error, e.g. lm-eval's) or ``ci`` (a 95% interval ``(low, high)``, e.g. from a bootstrap or from
+    repeats). Reports show them beside the value."""
 
     value: Any
     unit: str = ""
     stderr: float | None = None
+    ci: tuple[float, float] | None = None
 
     def to_json(self) -> dict[str, Any]:
         out = {"value": self.value, "unit": self.unit}
         if self.stderr is not None:
             out["stderr"] = self.stderr
+        if self.ci is not None:
+            out["ci"] = [float(self.ci[0]), float(self.ci[1])]
         return out
 
 

@@ -93,3 +93,28 @@ def test_claims_come_from_records_and_from_methods_and_skip_random_models(tmp_pa
                      "claim 'GPTQ loses <0.1 perplexity' for gptq on tiny-llama: measured Δ +0.050: holds"]
     assert "GPTQ loses" in render(tmp_path / "run", "md") and "random-x" not in "".join(lines)
     assert json.loads(render(tmp_path / "run", "json"))["claims"] == lines
+
+
+def test_uncertainty_travels_from_metric_to_every_format(tmp_path):
+    acc = {"title": "piqa acc", "higher_is_better": True}
+    recs = [described(m, "quiz", {"acc": {"value": v, "unit": "", "stderr": 0.011, **acc},
+                                  "speed": {"value": 1.5, "unit": "", "ci": [1.41, 1.63], "title": "speed-up"}})
+            for m, v in (("fp16", 0.652), ("nf4", 0.640))]
+    run = write_run(tmp_path / "run", recs)
+    board = leaderboard(load_frame(run))
+    assert board["piqa acc ±"].tolist() == [0.011, 0.011]
+    assert board["speed-up CI low"].tolist() == [1.41, 1.41] and board["speed-up CI high"].tolist() == [1.63, 1.63]
+    md = render(run, "md")
+    assert "0.652 ± 0.011" in md and "1.5 [1.41, 1.63]" in md and "piqa acc ±" not in md
+    page = render(run, "html")
+    assert "data-v='0.652'>0.652 ± 0.011</td>" in page
+    assert json.loads(render(run, "json"))["leaderboard"][1]["piqa acc ±"] == 0.011
+
+
+def test_mean_of_independent_values_combines_their_stderr(tmp_path):
+    spec = {"title": "acc", "aggregate": "mean"}
+    recs = [described("fp16", f"quiz:n={i}", {"acc": {"value": v, "unit": "", "stderr": 0.03, **spec}})
+            for i, v in enumerate((0.5, 0.7))]
+    recs[1]["cell"] += "-2"
+    board = leaderboard(load_frame(write_run(tmp_path / "run", recs)))
+    assert board["acc"][0] == pytest.approx(0.6) and board["acc ±"][0] == pytest.approx(0.03 / 2**0.5)
