@@ -14,7 +14,7 @@ from typing import Any
 import pandas as pd
 
 from qbench.params import QBenchError
-from qbench.records import RECORDS, latest_records
+from qbench.records import load_latest, read_run_json
 
 BASELINES = ("fp16", "bf16", "fp32")
 
@@ -40,12 +40,7 @@ MIB_METRICS = {"quantized_layer_bytes", "model_bytes", "peak_memory", "peak_acti
 
 
 def load_frame(run_dir: Path) -> pd.DataFrame:
-    path = Path(run_dir) / RECORDS
-    if not path.is_file():
-        raise QBenchError(f"no {RECORDS} in {run_dir}; pass the --out directory of a qbench run")
-    records = list(latest_records(path).values())
-    if not records:
-        raise QBenchError(f"{path} has no complete records yet")
+    records = list(load_latest(run_dir).values())
     rows = []
     for rec in records:
         row = {
@@ -128,9 +123,8 @@ def _delta(base, row, column, fn):
 
 def context_lines(frame: pd.DataFrame, run_dir: Path) -> list[str]:
     lines = []
-    run_json = Path(run_dir) / "run.json"
-    if run_json.is_file():
-        run = json.loads(run_json.read_text())
+    run = read_run_json(Path(run_dir), for_report=True)  # optional: the records suffice
+    if run:
         commands = []  # every distinct invocation that added cells to this run directory
         for invocation in run.get("invocations") or []:
             command = " ".join(invocation["argv"])
