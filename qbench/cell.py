@@ -97,7 +97,8 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
         "status": "ok",
         "metrics": _jsonable_metrics(metrics),
         "extra": ctx.extra,
-        "notes": ctx.notes + ([loaded.info["note"]] if loaded.info.get("note") else []),
+        "notes": ctx.notes + ([loaded.info["note"]] if loaded.info.get("note") else [])
+        + [qinfo[k] for k in ("cache_discarded",) if qinfo.get(k)],
         "model_info": loaded.info,
         "quantization": qinfo,
         "method_report": method.report,
