@@ -274,11 +274,12 @@ def test_reading_a_user_file_writes_nothing_outside_the_cache_dir(tmp_path):
     jsonl.write_text('{"text": "one"}\n{"text": "two"}\n')
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "XDG_"))}
     env.update(HOME=str(home), QBENCH_CACHE_DIR=str(cache), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    code = ("import sys; from qbench.data import load_text; "
-            "print(sum(len(load_text(p).rows) for p in sys.argv[1:]))")
-    result = subprocess.run([sys.executable, "-c", code, str(text), str(jsonl)], capture_output=True, text=True,
-                            env=env, timeout=120)
+    run = standard_run(tmp_path / "run")
+    code = ("import sys; from pathlib import Path; from qbench.data import load_text; from qbench.report import render; "
+            "print(sum(len(load_text(p).rows) for p in sys.argv[2:])); print(len(render(Path(sys.argv[1]), 'html')))")
+    result = subprocess.run([sys.executable, "-c", code, str(run), str(text), str(jsonl)], capture_output=True,
+                            text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "7"
+    assert result.stdout.split()[0] == "7"
     written = [p for p in home.rglob("*") if p.is_file()]
     assert not written, written
