@@ -208,7 +208,6 @@ def report(run_dir, fmt, output):
 def compare(run_a, run_b, fmt, changed_only, output):
     """Show what changed from RUN_A to RUN_B: same cells (method × model × suite), metric deltas, cells in one run only."""
     from qbench.compare import render_comparison
-
     from qbench.durable import write_atomic
 
     text = render_comparison(Path(run_a), Path(run_b), fmt, changed_only=changed_only)

@@ -190,7 +190,8 @@ def check_text_file(path: Path) -> None:
             raise UnicodeDecodeError("utf-8", data, data.index(b"\x00"), data.index(b"\x00") + 1, "NUL byte")
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise QBenchError(f"dataset file {path} is not UTF-8 text (byte {exc.start} is {data[exc.start:exc.start + 1]!r}); "
+        byte = data[exc.start:exc.start + 1]
+        raise QBenchError(f"dataset file {path} is not UTF-8 text (byte {exc.start} is {byte!r}); "
                           f"is it a binary file? pass a .txt or .jsonl file") from None
     if not text.strip():
         raise QBenchError(f"dataset file {path} is empty")

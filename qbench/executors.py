@@ -85,7 +85,8 @@ def run_cell_process(cell: dict[str, Any], log_path: Path | None, timeout_s: flo
             try:
                 return json.loads(result_file.read_text())
             except ValueError as exc:
-                return {"status": "error", "message": f"the cell's result file was unreadable ({exc})", "exit_code": code}
+                return {"status": "error", "message": f"the cell's result file was unreadable ({exc})",
+                        "exit_code": code}
         tail = ""
         if log_path and log_path.is_file():
             lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]

@@ -175,8 +175,8 @@ def _collect(hook_name: str, key) -> dict:
             found[k] = builtins[0]
             for _, plugin in offered:
                 if plugin != builtins[0][1]:
-                    why = (f"{kind} {k!r} of {provider(plugin)} (plugin {plugin}) is refused: {provider(builtins[0][1])} "
-                           f"provides it; rename it in {provider(plugin)}")
+                    why = (f"{kind} {k!r} of {provider(plugin)} (plugin {plugin}) is refused: "
+                           f"{provider(builtins[0][1])} provides it; rename it in {provider(plugin)}")
                     _failures[plugin] = "; ".join(filter(None, [_failures.get(plugin), why]))
                     _warn_once(why)
         else:

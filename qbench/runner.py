@@ -17,8 +17,18 @@ from qbench import host
 from qbench.durable import write_atomic, write_error
 from qbench.lock import hold_run_dir
 from qbench.params import QBenchError, Spec
-from qbench.records import (RECORDS, RUN_JSON, append_record, cell_id, environment, latest_records, malformed_warning,
-                            read_run_json, repair_torn_tail, warn)
+from qbench.records import (
+    RECORDS,
+    RUN_JSON,
+    append_record,
+    cell_id,
+    environment,
+    latest_records,
+    malformed_warning,
+    read_run_json,
+    repair_torn_tail,
+    warn,
+)
 
 DEFAULT_METHODS = "fp16,int8-absmax,affine:bits=4,group_size=128,nf4"
 DEFAULT_SUITES = "memory,latency,perplexity"
@@ -220,11 +230,13 @@ def execute(config: RunConfig, argv: list[str] | None = None, say: Callable[[str
         return _execute_locked(config, cells, argv, say)
 
 
-def _execute_locked(config: RunConfig, cells: list[dict], argv: list[str], say: Callable[[str], None]) -> dict[str, Any]:
+def _execute_locked(config: RunConfig, cells: list[dict], argv: list[str],
+                    say: Callable[[str], None]) -> dict[str, Any]:
     previous = read_run_json(config.out)  # a corrupt one stops here, before any cell
     notes = list(config.notes)
     if config.limit_is_default and config.limit is not None and any(c["dataset"] for c in cells):
-        notes.append(f"CPU default: perplexity over the first {config.limit} windows; --limit all evaluates the full split")
+        notes.append(f"CPU default: perplexity over the first {config.limit} windows; "
+                     f"--limit all evaluates the full split")
     records_path = config.out / RECORDS
     repair_torn_tail(records_path)
     malformed: list[tuple[int, str]] = []

@@ -126,14 +126,16 @@ def test_truncated_safetensors_is_caught_before_the_run(saved_model, tmp_path):
 def test_safetensors_with_a_broken_header_is_caught(saved_model, tmp_path):
     model = copy_model(saved_model, tmp_path)
     (model / "model.safetensors").write_bytes(b"\xff" * 8 + b"{}")
-    result = qbench_cli("run", "--methods", "fp32", "--models", str(model), "--suites", "memory", "--out", str(tmp_path / "o"))
+    result = qbench_cli("run", "--methods", "fp32", "--models", str(model), "--suites", "memory",
+                        "--out", str(tmp_path / "o"))
     check_one_line_error(result, "model.safetensors", "header")
 
 
 def test_config_that_is_a_json_list_is_caught(saved_model, tmp_path):
     model = copy_model(saved_model, tmp_path)
     (model / "config.json").write_text("[1, 2]")
-    result = qbench_cli("run", "--methods", "fp32", "--models", str(model), "--suites", "memory", "--out", str(tmp_path / "o"))
+    result = qbench_cli("run", "--methods", "fp32", "--models", str(model), "--suites", "memory",
+                        "--out", str(tmp_path / "o"))
     check_one_line_error(result, "config.json", "not a JSON object")
 
 

@@ -1,12 +1,12 @@
 """The plugin host: documented hooks, built-ins and third-party plugins loaded the same way."""
 import importlib
 import inspect
-import sys
 
 import pytest
 
 from qbench import hookspecs, host
-from tests.helpers import THIRD_PARTY_PLUGIN as THIRD_PARTY_SIGN, make_third_party_dist
+from tests.helpers import THIRD_PARTY_PLUGIN as THIRD_PARTY_SIGN
+from tests.helpers import make_third_party_dist
 
 
 def test_every_hook_is_documented():
@@ -172,8 +172,9 @@ def test_provenance_of_methods_and_suites(fresh_host, tmp_path, monkeypatch):
     importlib.invalidate_caches()
     from qbench.records import distribution_version
 
-    assert fresh_host.provenance("methods", "fp16") == {
-        "plugin": "qbench.plugins.baseline", "distribution": "qbench-quant", "version": distribution_version("qbench-quant")}
+    builtin = {"plugin": "qbench.plugins.baseline", "distribution": "qbench-quant",
+               "version": distribution_version("qbench-quant")}
+    assert fresh_host.provenance("methods", "fp16") == builtin
     assert fresh_host.provenance("suites", "memory")["distribution"] == "qbench-quant"
     assert fresh_host.provenance("methods", "sign") == {
         "plugin": "sign", "distribution": "qbench-sign-method", "version": "0.1"}

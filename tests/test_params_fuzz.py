@@ -3,7 +3,8 @@ a traceback: parse_specs and the validation of every registered method and suite
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 from qbench import host  # noqa: E402
 from qbench.params import QBenchError, parse_specs  # noqa: E402

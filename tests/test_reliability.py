@@ -174,7 +174,8 @@ def run_with_file_size_limit(args, limit: int):
 
 def test_a_record_that_does_not_fit_leaves_no_torn_line(tmp_path):
     out = tmp_path / "run"
-    assert qbench_cli("run", "--methods", "fp32", "--models", "tiny-llama", "--suites", MEMORY, "--out", str(out)).returncode == 0
+    assert qbench_cli("run", "--methods", "fp32", "--models", "tiny-llama", "--suites", MEMORY,
+                      "--out", str(out)).returncode == 0
     before = (out / "records.jsonl").read_bytes()
     result = run_with_file_size_limit(["run", "--methods", "fp32,fp16", "--models", "tiny-llama", "--suites", MEMORY,
                                        "--out", str(out)], len(before) + 200)
@@ -188,7 +189,8 @@ def test_a_record_that_does_not_fit_leaves_no_torn_line(tmp_path):
 
 def test_run_json_that_does_not_fit_leaves_the_old_one(tmp_path):
     out = tmp_path / "run"
-    assert qbench_cli("run", "--methods", "fp32", "--models", "tiny-llama", "--suites", MEMORY, "--out", str(out)).returncode == 0
+    assert qbench_cli("run", "--methods", "fp32", "--models", "tiny-llama", "--suites", MEMORY,
+                      "--out", str(out)).returncode == 0
     before = (out / "run.json").read_bytes()
     result = run_with_file_size_limit(["run", "--methods", "fp32", "--models", "tiny-llama", "--suites", MEMORY,
                                        "--out", str(out)], len(before) + 10)
@@ -275,8 +277,9 @@ def test_reading_a_user_file_writes_nothing_outside_the_cache_dir(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "XDG_"))}
     env.update(HOME=str(home), QBENCH_CACHE_DIR=str(cache), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     run = standard_run(tmp_path / "run")
-    code = ("import sys; from pathlib import Path; from qbench.data import load_text; from qbench.report import render; "
-            "print(sum(len(load_text(p).rows) for p in sys.argv[2:])); print(len(render(Path(sys.argv[1]), 'html')))")
+    code = ("import sys; from pathlib import Path; from qbench.data import load_text; "
+            "from qbench.report import render; print(sum(len(load_text(p).rows) for p in sys.argv[2:])); "
+            "print(len(render(Path(sys.argv[1]), 'html')))")
     result = subprocess.run([sys.executable, "-c", code, str(run), str(text), str(jsonl)], capture_output=True,
                             text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
