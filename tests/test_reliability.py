@@ -76,14 +76,18 @@ def test_a_held_run_directory_is_refused_with_who_holds_it(tmp_path):
 
 def test_wait_waits_for_the_holder_then_runs(tmp_path):
     out = tmp_path / "run"
-    holder = start_holder(out, 3)
+    holder = start_holder(out, 300)
+    run = subprocess.Popen([sys.executable, "-m", "qbench.cli", "run", "--methods", "fp32", "--models", "tiny-llama",
+                            "--suites", MEMORY, "--out", str(out), "--wait"], stdout=subprocess.PIPE, text=True)
     try:
-        result = qbench_cli("run", "--methods", "fp32", "--models", "tiny-llama", "--suites", MEMORY, "--out", str(out),
-                            "--wait")
+        first = run.stdout.readline()
+        assert "in use by" in first and f"pid {holder.pid}" in first and "waiting" in first, first
+        assert run.poll() is None and not (out / "records.jsonl").exists()
     finally:
+        holder.kill()
         holder.wait()
-    assert result.returncode == 0, result.stderr
-    assert "waiting" in result.stdout + result.stderr
+    rest, _ = run.communicate(timeout=300)
+    assert run.returncode == 0, rest
     assert [r["status"] for r in records(out)] == ["ok"]
 
 
@@ -128,6 +132,21 @@ def test_run_on_a_corrupt_run_json_says_which_file_and_what_to_do(tmp_path):
     assert (out / "run.json").read_text() == '{"x":['  # left as it was, for the user to look at
 
 
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One fp32 memory cell, run once; tests get a copy."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    result = qbench_cli("run", "--methods", "fp32", "--models", "tiny-llama", "--suites", MEMORY, "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def copy_of(run: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(run, tmp_path / "run"))
+
+
 # --- 6. malformed records -------------------------------------------------------------------
 
 def test_report_and_compare_skip_a_record_lacking_fields_with_one_warning(tmp_path):
@@ -144,19 +163,17 @@ def test_report_and_compare_skip_a_record_lacking_fields_with_one_warning(tmp_pa
     assert "13" in cli("compare", str(a), str(b)).stdout
 
 
-def test_resume_treats_a_malformed_record_as_missing(tmp_path):
-    out = tmp_path / "run"
-    args = ["run", "--methods", "fp32,fp16", "--models", "tiny-llama", "--suites", MEMORY, "--out", str(out)]
-    assert qbench_cli(*args).returncode == 0
-    lines = (out / "records.jsonl").read_text().splitlines()
-    stripped = {"cell": json.loads(lines[1])["cell"], "status": "ok"}  # valid JSON, fields lost
-    (out / "records.jsonl").write_text(lines[0] + "\n" + json.dumps(stripped) + "\n")
-    again = qbench_cli(*args)
+def test_resume_treats_a_malformed_record_as_missing(finished_run, tmp_path):
+    out = copy_of(finished_run, tmp_path)
+    [line] = (out / "records.jsonl").read_text().splitlines()
+    stripped = {"cell": json.loads(line)["cell"], "status": "ok"}  # valid JSON, fields lost
+    (out / "records.jsonl").write_text(json.dumps(stripped) + "\n")
+    again = qbench_cli("run", "--methods", "fp32", "--models", "tiny-llama", "--suites", MEMORY, "--out", str(out))
     assert again.returncode == 0, again.stderr
-    assert "1 cells run, 1 already recorded" in again.stdout
-    assert "malformed" in again.stderr
+    assert "1 cells run, 0 already recorded" in again.stdout
+    assert "malformed" in again.stderr and "line 1" in again.stderr
     report = qbench_cli("report", str(out))
-    assert report.returncode == 0 and "fp16" in report.stdout
+    assert report.returncode == 0 and "fp32" in report.stdout
 
 
 # --- 7. a full disk -----------------------------------------------------------------------------
@@ -172,10 +189,8 @@ def run_with_file_size_limit(args, limit: int):
                           preexec_fn=limit_file_size, timeout=300)
 
 
-def test_a_record_that_does_not_fit_leaves_no_torn_line(tmp_path):
-    out = tmp_path / "run"
-    assert qbench_cli("run", "--methods", "fp32", "--models", "tiny-llama", "--suites", MEMORY,
-                      "--out", str(out)).returncode == 0
+def test_a_record_that_does_not_fit_leaves_no_torn_line(finished_run, tmp_path):
+    out = copy_of(finished_run, tmp_path)
     before = (out / "records.jsonl").read_bytes()
     result = run_with_file_size_limit(["run", "--methods", "fp32,fp16", "--models", "tiny-llama", "--suites", MEMORY,
                                        "--out", str(out)], len(before) + 200)
@@ -187,10 +202,8 @@ def test_a_record_that_does_not_fit_leaves_no_torn_line(tmp_path):
     assert not list(out.glob("*.tmp"))
 
 
-def test_run_json_that_does_not_fit_leaves_the_old_one(tmp_path):
-    out = tmp_path / "run"
-    assert qbench_cli("run", "--methods", "fp32", "--models", "tiny-llama", "--suites", MEMORY,
-                      "--out", str(out)).returncode == 0
+def test_run_json_that_does_not_fit_leaves_the_old_one(finished_run, tmp_path):
+    out = copy_of(finished_run, tmp_path)
     before = (out / "run.json").read_bytes()
     result = run_with_file_size_limit(["run", "--methods", "fp32", "--models", "tiny-llama", "--suites", MEMORY,
                                        "--out", str(out)], len(before) + 10)
