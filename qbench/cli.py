@@ -47,9 +47,24 @@ def describe_internal_error(exc: BaseException) -> str:
     frames = traceback.extract_tb(exc.__traceback__)
     where = ""
     if frames:
-        frame = frames[-1]
-        where = f" in {frame.name}() at {Path(frame.filename).name}:{frame.lineno}"
+        at = lambda f: f"{f.name}() at {Path(f.filename).name}:{f.lineno}"  # noqa: E731
+        where = f" in {at(frames[-1])}"
+        roots = _source_roots()
+        ours = [f for f in frames if any(Path(f.filename).resolve().is_relative_to(r) for r in roots)]
+        if ours and ours[-1] is not frames[-1]:  # it happened in a library: say which step of ours called it
+            where += f", called from {at(ours[-1])}"
     return f"{type(exc).__name__}: {text}{where}"
+
+
+def _source_roots() -> list[Path]:
+    """Where qbench's own code lives (plugins, suites and kernels sit beside qbench/ in a checkout)."""
+    import importlib.util
+
+    roots = []
+    for package in ("qbench", "qbench.plugins", "qbench.suites", "qbench.kernels"):
+        spec = importlib.util.find_spec(package)
+        roots += [Path(p).resolve() for p in (spec.submodule_search_locations or [])] if spec else []
+    return roots
 
 
 @click.group()
