@@ -107,7 +107,8 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
         "claims": ctx.claims,
         "baseline_claims": list(getattr(method, "claims", [])),
         "extra": ctx.extra,
-        "notes": ctx.notes + ([loaded.info["note"]] if loaded.info.get("note") else []),
+        "notes": ctx.notes + ([loaded.info["note"]] if loaded.info.get("note") else [])
+        + [qinfo[k] for k in ("cache_discarded",) if qinfo.get(k)],
         "model_info": loaded.info,
         "quantization": qinfo,
         "method_report": method.report,

@@ -29,10 +29,42 @@ def user_errors(fn):
         except Exception as exc:
             if os.environ.get("QBENCH_DEBUG"):
                 raise
-            click.echo(f"qbench: internal error: {type(exc).__name__}: {exc} (set QBENCH_DEBUG=1 for the traceback)", err=True)
+            click.echo(f"qbench: internal error: {describe_internal_error(exc)} (set QBENCH_DEBUG=1 for the traceback)",
+                       err=True)
             sys.exit(3)
 
     return wrapper
+
+
+def describe_internal_error(exc: BaseException) -> str:
+    """One line: the error, the file it concerns (OSError), and the operation that failed (the
+    innermost function of the traceback, with its source file and line)."""
+    import traceback
+
+    text = " ".join(str(exc).split())
+    if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in text:
+        text += f" (file {exc.filename})"
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = ""
+    if frames:
+        at = lambda f: f"{f.name}() at {Path(f.filename).name}:{f.lineno}"  # noqa: E731
+        where = f" in {at(frames[-1])}"
+        roots = _source_roots()
+        ours = [f for f in frames if any(Path(f.filename).resolve().is_relative_to(r) for r in roots)]
+        if ours and ours[-1] is not frames[-1]:  # it happened in a library: say which step of ours called it
+            where += f", called from {at(ours[-1])}"
+    return f"{type(exc).__name__}: {text}{where}"
+
+
+def _source_roots() -> list[Path]:
+    """Where qbench's own code lives (plugins, suites and kernels sit beside qbench/ in a checkout)."""
+    import importlib.util
+
+    roots = []
+    for package in ("qbench", "qbench.plugins", "qbench.suites", "qbench.kernels"):
+        spec = importlib.util.find_spec(package)
+        roots += [Path(p).resolve() for p in (spec.submodule_search_locations or [])] if spec else []
+    return roots
 
 
 @click.group()
@@ -98,23 +130,23 @@ def _split(values) -> list[str]:
     return [p.strip() for v in values for p in v.split(",") if p.strip()]
 
 
-def _limit(value: str | None, device: str) -> tuple[int | None, list[str]]:
+def _limit(value: str | None, device: str) -> tuple[int | None, bool]:
+    """(windows or None for all, whether that is the CPU default rather than the user's choice)."""
     from qbench.runner import DEFAULT_CPU_LIMIT
 
     if value is None:
         if device == "cpu":
-            return DEFAULT_CPU_LIMIT, [f"CPU default: perplexity over the first {DEFAULT_CPU_LIMIT} windows; "
-                                       f"--limit all evaluates the full split"]
-        return None, []
+            return DEFAULT_CPU_LIMIT, True
+        return None, False
     if value.lower() in ("all", "none", "0"):
-        return None, []
+        return None, False
     try:
         n = int(value)
     except ValueError:
         raise QBenchError(f"--limit {value!r} must be a number of windows or 'all'") from None
     if n < 0:
         raise QBenchError(f"--limit {value!r} must be positive (or 'all')")
-    return n, []
+    return n, False
 
 
 @main.command()
@@ -134,9 +166,10 @@ def _limit(value: str | None, device: str) -> tuple[int | None, list[str]]:
 @click.option("--threads", default=None, type=int, help="torch threads per cell")
 @click.option("--trust-remote-code", is_flag=True, help="allow a hub model's own code to run")
 @click.option("--no-cache", is_flag=True, help="quantize again instead of using the quantized-model cache")
+@click.option("--wait", is_flag=True, help="if another run holds OUT, wait for it to finish instead of stopping")
 @user_errors
 def run(methods_, models, suites_, dataset, data_dir, calibration, out, limit, device, dtype, seed, executor,
-        threads, trust_remote_code, no_cache):
+        threads, trust_remote_code, no_cache, wait):
     """Run the comparison matrix (methods × models × suites) and append records to OUT/records.jsonl."""
     from qbench.models import DEMO_MODEL
     from qbench.runner import DEFAULT_METHODS, DEFAULT_SUITES, RunConfig, execute
@@ -144,7 +177,7 @@ def run(methods_, models, suites_, dataset, data_dir, calibration, out, limit, d
     method_specs = parse_specs(list(methods_) or [DEFAULT_METHODS])
     suite_specs = parse_specs(list(suites_) or [DEFAULT_SUITES])
     model_names = _split(models) or [DEMO_MODEL]
-    n_limit, notes = _limit(limit, device)
+    n_limit, limit_is_default = _limit(limit, device)
     if out is None:
         key = json.dumps([sorted(map(str, method_specs)), model_names, sorted(map(str, suite_specs)), dataset,
                           n_limit, device, dtype, seed, calibration])
@@ -152,11 +185,8 @@ def run(methods_, models, suites_, dataset, data_dir, calibration, out, limit, d
     config = RunConfig(methods=method_specs, models=model_names, suites=suite_specs, dataset=dataset,
                        data_dir=data_dir, out=Path(out), limit=n_limit, device=device, dtype=dtype, seed=seed,
                        calibration=calibration, executor=executor, trust_remote_code=trust_remote_code,
-                       use_cache=not no_cache, threads=threads, notes=notes)
-    click.echo(f"qbench: run directory {out}")
-    for note in notes:
-        click.echo(f"qbench: {note}")
-    summary = execute(config, argv=["qbench", "run", *sys.argv[2:]])
+                       use_cache=not no_cache, threads=threads, limit_is_default=limit_is_default, wait=wait)
+    summary = execute(config, argv=["qbench", "run", *sys.argv[2:]], say=lambda line: click.echo(f"qbench: {line}"))
     click.echo(f"qbench: {summary['ran']} cells run, {summary['already_done']} already recorded; "
                f"records in {summary['records']}; leaderboard: qbench report {out}")
     if summary["failed"]:
@@ -175,19 +205,12 @@ def run(methods_, models, suites_, dataset, data_dir, calibration, out, limit, d
 @user_errors
 def report(run_dir, fmt, columns, output):
     """Render the leaderboard of RUN_DIR as markdown, csv, json or html."""
+    from qbench.durable import write_atomic
     from qbench.report import render
 
-    if not Path(run_dir).is_dir():
-        raise QBenchError(f"run directory {run_dir} does not exist")
     text = render(Path(run_dir), fmt, columns)
     if output:
-        target = Path(output)
-        tmp = target.with_name(target.name + ".tmp")
-        try:
-            tmp.write_text(text)
-            os.replace(tmp, target)
-        except OSError as exc:
-            raise QBenchError(f"cannot write {output}: {exc.strerror or exc}") from None
+        write_atomic(Path(output), text, then="")
     else:
         click.echo(text, nl=False)
 
@@ -202,13 +225,11 @@ def report(run_dir, fmt, columns, output):
 def compare(run_a, run_b, fmt, changed_only, output):
     """Show what changed from RUN_A to RUN_B: same cells (method × model × suite), metric deltas, cells in one run only."""
     from qbench.compare import render_comparison
+    from qbench.durable import write_atomic
 
     text = render_comparison(Path(run_a), Path(run_b), fmt, changed_only=changed_only)
     if output:
-        try:
-            Path(output).write_text(text)
-        except OSError as exc:
-            raise QBenchError(f"cannot write {output}: {exc.strerror or exc}") from None
+        write_atomic(Path(output), text, then="")
     else:
         click.echo(text, nl=False)
 

@@ -13,19 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from qbench.params import QBenchError
-from qbench.records import RECORDS, latest_records
+from qbench.records import load_latest
 
 Key = tuple[str, str, str]  # (model, method label, suite label)
 
 
 def _cells(run_dir: Path) -> dict[Key, dict[str, Any]]:
-    path = Path(run_dir) / RECORDS
-    if not Path(run_dir).is_dir():
-        raise QBenchError(f"run directory {run_dir} does not exist")
-    if not path.is_file():
-        raise QBenchError(f"no {RECORDS} in {run_dir}; pass the --out directory of a qbench run")
     cells: dict[Key, dict[str, Any]] = {}
-    for rec in latest_records(path).values():
+    for rec in load_latest(run_dir).values():
         key = (rec["model"]["name"], rec["method"].get("label", rec["method"]["name"]),
                rec["suite"].get("label", rec["suite"]["name"]))
         # Two records of the same labels (e.g. other --limit) — keep the later one.

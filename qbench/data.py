@@ -35,6 +35,35 @@ def _offline() -> bool:
     return os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
 
 
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def hub_unreachable(timeout_s: float = 3.0) -> str | None:
+    """Why the hub cannot be reached (no DNS, connection refused, timeout), or None if it answers.
+    One quick connection instead of the libraries' retries (half a minute of noise when offline).
+    Behind a proxy the direct connection says nothing, so it is not tried."""
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(v) for v in PROXY_VARIABLES):
+        return None
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=timeout_s).close()
+        return None
+    except OSError as exc:
+        return f"{endpoint.hostname}: {exc.strerror or exc}"
+
+
+def datasets_cache_dir() -> str:
+    """Where ``datasets`` keeps what it converts (also from the user's own files): under qbench's
+    cache dir, not ~/.cache/huggingface."""
+    from qbench.models import cache_dir
+
+    return str(cache_dir() / "datasets")
+
+
 def _wikitext_rows_from_raw(path: Path) -> list[str]:
     """Rows as the hub's ``wikitext-2-raw-v1`` has them: one per line, newline kept, blank lines ''."""
     rows = []
@@ -94,12 +123,17 @@ def load_text(name: str, split: str | None = None, data_dir: str | None = None) 
             path = d / WIKITEXT2_LOCAL[split]
             looked.append(str(path))
             if path.is_file():
+                check_text_file(path)
                 ds = datasets.Dataset.from_dict({"text": _wikitext_rows_from_raw(path)})
                 return TextSource(name, split, str(path), _dataset_rows(ds))
-        if not _offline():
+        unreachable = None if _offline() else hub_unreachable()
+        if unreachable:
+            looked.append(f"the hub, which cannot be reached ({unreachable})")
+        elif not _offline():
             looked.append("hub Salesforce/wikitext wikitext-2-raw-v1")
             try:
-                ds = datasets.load_dataset("Salesforce/wikitext", "wikitext-2-raw-v1", split=split)
+                ds = datasets.load_dataset("Salesforce/wikitext", "wikitext-2-raw-v1", split=split,
+                                           cache_dir=datasets_cache_dir())
                 return TextSource(name, split, "hub", _dataset_rows(ds))
             except Exception:
                 pass
@@ -111,12 +145,16 @@ def load_text(name: str, split: str | None = None, data_dir: str | None = None) 
             path = d / C4_LOCAL[split]
             looked.append(str(path))
             if path.is_file():
-                ds = datasets.load_dataset("json", data_files=str(path), split="train")
+                ds = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=datasets_cache_dir())
                 return TextSource(name, split, str(path), _dataset_rows(ds), joiner=" ")
-        if not _offline():
+        unreachable = None if _offline() else hub_unreachable()
+        if unreachable:
+            looked.append(f"the hub, which cannot be reached ({unreachable})")
+        elif not _offline():
             looked.append(f"hub allenai/c4 {C4_HUB_FILE}")
             try:
-                ds = datasets.load_dataset("allenai/c4", data_files={"validation": C4_HUB_FILE}, split="validation")
+                ds = datasets.load_dataset("allenai/c4", data_files={"validation": C4_HUB_FILE}, split="validation",
+                                           cache_dir=datasets_cache_dir())
                 return TextSource(name, split, "hub", _dataset_rows(ds), joiner=" ")
             except Exception:
                 pass
@@ -130,16 +168,74 @@ def load_text(name: str, split: str | None = None, data_dir: str | None = None) 
     )
 
 
+def _json_row_problem(obj, where: str) -> str | None:
+    if not isinstance(obj, dict):
+        return f"{where} is a JSON {type(obj).__name__}, not an object with a 'text' field"
+    if "text" not in obj:
+        return f"{where} has no 'text' field (it has: {', '.join(map(str, obj)) or 'nothing'})"
+    if not isinstance(obj["text"], str):
+        return f"{where}: 'text' is {type(obj['text']).__name__}, not a string"
+    return None
+
+
+def check_text_file(path: Path) -> None:
+    """One line for a dataset file that cannot give text rows: unreadable, empty, binary (not UTF-8),
+    or JSON lines that are not objects with a string 'text' (the line number is given)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise QBenchError(f"dataset file {path} cannot be read ({exc.strerror or exc})") from None
+    try:
+        if b"\x00" in data:
+            raise UnicodeDecodeError("utf-8", data, data.index(b"\x00"), data.index(b"\x00") + 1, "NUL byte")
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        byte = data[exc.start:exc.start + 1]
+        raise QBenchError(f"dataset file {path} is not UTF-8 text (byte {exc.start} is {byte!r}); "
+                          f"is it a binary file? pass a .txt or .jsonl file") from None
+    if not text.strip():
+        raise QBenchError(f"dataset file {path} is empty")
+    if path.suffix not in (".jsonl", ".json"):
+        return
+    problem = None
+    if path.suffix == ".json":
+        try:
+            whole = json.loads(text)
+        except ValueError:
+            whole = None  # JSON lines in a .json file
+        if isinstance(whole, list):
+            problem = next((p for i, row in enumerate(whole, 1) if (p := _json_row_problem(row, f"item {i}"))), None)
+        elif whole is not None:
+            problem = "is one JSON value; write JSON lines, one {\"text\": ...} object per line"
+        if whole is not None:
+            if problem:
+                raise QBenchError(f"dataset file {path} {problem}")
+            return
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as exc:
+            raise QBenchError(f"dataset file {path} line {number} is not valid JSON ({exc.msg}); "
+                              f"JSON lines need one {{\"text\": ...}} object per line") from None
+        problem = _json_row_problem(obj, f"line {number}")
+        if problem:
+            raise QBenchError(f"dataset file {path} {problem}")
+
+
 def _load_file(path: Path) -> TextSource:
     import datasets
 
+    check_text_file(path)
     try:
         if path.suffix in (".jsonl", ".json"):
-            ds = datasets.load_dataset("json", data_files=str(path), split="train")
+            ds = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=datasets_cache_dir())
             if "text" not in ds.column_names:
                 raise QBenchError(f"{path}: JSON lines need a 'text' field (found {', '.join(ds.column_names)})")
             return TextSource(path.name, "file", str(path), _dataset_rows(ds))
-        ds = datasets.load_dataset("text", data_files=str(path), split="train", keep_linebreaks=True)
+        ds = datasets.load_dataset("text", data_files=str(path), split="train", keep_linebreaks=True,
+                                   cache_dir=datasets_cache_dir())
         return TextSource(path.name, "file", str(path), _dataset_rows(ds), joiner="")
     except QBenchError:
         raise

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from qbench import hookimpl
+from qbench.durable import write_atomic
 from qbench.executors import Executor, run_cell_process
 from qbench.params import QBenchError
 
@@ -148,7 +149,7 @@ class RayExecutor(Executor):
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:300]
                 answer = {"result": {"status": "error", "message": f"ray task failed: {first}"}, "log": "", "env": None}
             if self.log_dir is not None:
-                (self.log_dir / f"{cell['id']}.log").write_text(answer.get("log", ""))
+                write_atomic(self.log_dir / f"{cell['id']}.log", answer.get("log", ""))
             result = dict(answer["result"])
             if answer.get("env"):
                 result["env"] = answer["env"]

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from qbench import hookimpl
+from qbench.durable import write_atomic, write_error
 
 ResultCallback = Callable[[dict[str, Any], dict[str, Any]], None]
 
@@ -27,6 +28,9 @@ class Executor:
     def __init__(self, log_dir: Path | None = None, timeout_s: float | None = None):
         self.log_dir = log_dir
         self.timeout_s = timeout_s
+        # where cell processes keep their scratch files: the runner points it inside the run directory
+        # (and empties it when it starts), so runs killed with SIGKILL leave nothing behind elsewhere
+        self.scratch_dir: Path | None = None
 
     @classmethod
     def check_available(cls) -> None:
@@ -49,12 +53,25 @@ def describe_exit(code: int) -> str:
     return f"cell process exited with code {code} without a result"
 
 
-def run_cell_process(cell: dict[str, Any], log_path: Path | None, timeout_s: float | None) -> dict[str, Any]:
+def run_cell_process(cell: dict[str, Any], log_path: Path | None, timeout_s: float | None,
+                     scratch_dir: Path | None = None) -> dict[str, Any]:
     """Run one cell in a fresh interpreter and return its result, or an error result if it died."""
-    with tempfile.TemporaryDirectory(prefix="qbench-cell-") as tmp:
+    if scratch_dir is not None:
+        try:
+            scratch_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise write_error(scratch_dir, exc, "create") from None
+    try:
+        scratch = tempfile.TemporaryDirectory(prefix="qbench-cell-", dir=scratch_dir)
+    except OSError as exc:
+        raise write_error(scratch_dir or tempfile.gettempdir(), exc, "create a folder in") from None
+    with scratch as tmp:
         cell_file, result_file = Path(tmp) / "cell.json", Path(tmp) / "result.json"
-        cell_file.write_text(json.dumps(cell))
-        log = open(log_path, "w") if log_path else subprocess.DEVNULL
+        write_atomic(cell_file, json.dumps(cell))
+        try:
+            log = open(log_path, "w") if log_path else subprocess.DEVNULL
+        except OSError as exc:
+            raise write_error(log_path, exc, "create") from None
         try:
             proc = subprocess.run([sys.executable, "-m", "qbench.cell", str(cell_file), str(result_file)],
                                   stdout=log, stderr=log, timeout=timeout_s)
@@ -65,7 +82,11 @@ def run_cell_process(cell: dict[str, Any], log_path: Path | None, timeout_s: flo
             if log_path:
                 log.close()
         if result_file.is_file():
-            return json.loads(result_file.read_text())
+            try:
+                return json.loads(result_file.read_text())
+            except ValueError as exc:
+                return {"status": "error", "message": f"the cell's result file was unreadable ({exc})",
+                        "exit_code": code}
         tail = ""
         if log_path and log_path.is_file():
             lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
@@ -81,7 +102,7 @@ class LocalExecutor(Executor):
         for cell in cells:
             on_start(cell)
             log_path = self.log_dir / f"{cell['id']}.log" if self.log_dir else None
-            on_result(cell, run_cell_process(cell, log_path, self.timeout_s))
+            on_result(cell, run_cell_process(cell, log_path, self.timeout_s, self.scratch_dir))
 
 
 @hookimpl

@@ -13,7 +13,7 @@ from typing import Any
 import pandas as pd
 
 from qbench.params import QBenchError
-from qbench.records import RECORDS, latest_records
+from qbench.records import load_latest
 from qbench.suite import MetricSpec
 
 BASELINES = ("fp16", "bf16", "fp32")
@@ -38,12 +38,7 @@ def _spec_of(rec: dict, name: str, metric: Any) -> MetricSpec | None:
 def load_frame(run_dir: Path) -> pd.DataFrame:
     """One row per record; metric values in ``suite.metric`` columns. ``frame.attrs`` holds each
     metric's spec and unit (in the order they first appear) for :func:`leaderboard`."""
-    path = Path(run_dir) / RECORDS
-    if not path.is_file():
-        raise QBenchError(f"no {RECORDS} in {run_dir}; pass the --out directory of a qbench run")
-    records = list(latest_records(path).values())
-    if not records:
-        raise QBenchError(f"{path} has no complete records yet")
+    records = list(load_latest(run_dir).values())
     rows, specs, units = [], {}, {}
     for rec in records:
         row = {

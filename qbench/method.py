@@ -6,7 +6,6 @@ that returns the model with :class:`QuantizedLinear` modules in place of the dec
 """
 from __future__ import annotations
 
-import importlib
 from typing import Any, ClassVar, Iterator
 
 import torch
@@ -138,14 +137,3 @@ def quantized_modules(model: nn.Module) -> Iterator[tuple[str, QuantizedLinear]]
 
 def class_path(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
-
-
-def load_class(path: str) -> type[QuantizedLinear]:
-    """Resolve a ``module:Class`` path saved in our own cache; only QuantizedLinear subclasses."""
-    module_name, _, qualname = path.partition(":")
-    obj: Any = importlib.import_module(module_name)
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
-    if not (isinstance(obj, type) and issubclass(obj, QuantizedLinear)):
-        raise QBenchError(f"cache entry names {path}, which is not a QuantizedLinear class")
-    return obj

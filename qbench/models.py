@@ -53,6 +53,7 @@ from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
+from qbench.model_check import check_model_dir  # noqa: E402
 from qbench.params import QBenchError  # noqa: E402
 
 DEMO_MODEL = "smollm2-135m"
@@ -98,7 +99,11 @@ def _float_cache_of_demo() -> Path:
     """Dequantize the GGUF once into a safetensors directory (transformers' GGUF loading is slow)."""
     target = cache_dir() / "models" / DEMO_MODEL
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
-        return target
+        try:
+            check_model_dir(target, DEMO_MODEL)
+            return target
+        except QBenchError:  # a damaged copy in our own cache: make it again
+            shutil.rmtree(target, ignore_errors=True)
     gguf = demo_gguf_path()
     for pkg in ("gguf", "accelerate"):
         if importlib.util.find_spec(pkg) is None:
@@ -142,19 +147,17 @@ def resolve_model(spec: str) -> dict[str, Any]:
     if path.exists():
         if not path.is_dir():
             raise QBenchError(f"model {spec} is a file; pass a model directory (config.json + *.safetensors)")
-        config = path / "config.json"
-        if not config.is_file():
-            raise QBenchError(f"model directory {spec} has no config.json")
-        try:
-            json.loads(config.read_text())
-        except ValueError as exc:
-            raise QBenchError(f"model directory {spec}: config.json is not valid JSON ({exc})") from None
-        if not any(path.glob("*.safetensors")):
-            raise QBenchError(f"model directory {spec} has no *.safetensors weights (qbench loads safetensors only)")
+        check_model_dir(path, spec)  # config and safetensors headers, before any cell starts
         return {"name": path.name, "source": str(path.resolve()), "kind": "local"}
     if spec.count("/") == 1 and not spec.startswith((".", "/")):
         if os.environ.get("HF_HUB_OFFLINE") == "1":
             raise QBenchError(f"model {spec} is not a local directory and the hub is offline (HF_HUB_OFFLINE=1)")
+        from qbench.data import hub_unreachable
+
+        unreachable = hub_unreachable()
+        if unreachable:  # at once, instead of the hub client's retries
+            raise QBenchError(f"model {spec} is not a local directory and the hub cannot be reached ({unreachable}); "
+                              f"pass a local model directory")
         return {"name": spec, "source": f"hub:{spec}", "kind": "hub"}
     raise QBenchError(
         f"model {spec!r} not found; use {DEMO_MODEL}, {TINY_MODEL}, a local model directory or a hub id (org/name)"

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 RECORDS = "records.jsonl"
+RUN_JSON = "run.json"
 
 
 def canonical(obj: Any) -> str:
@@ -93,12 +94,10 @@ def environment(device: str = "cpu") -> dict[str, Any]:
 
 
 def append_record(path: Path, record: dict[str, Any]) -> None:
-    """Append one line and make it durable before returning."""
-    line = json.dumps(record, sort_keys=False, default=str) + "\n"
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
+    """Append one line and make it durable before returning; a full disk leaves no torn line."""
+    from qbench.durable import append_durably
+
+    append_durably(path, (json.dumps(record, sort_keys=False, default=str) + "\n").encode("utf-8"))
 
 
 def repair_torn_tail(path: Path) -> bool:
@@ -126,26 +125,120 @@ def repair_torn_tail(path: Path) -> bool:
     return True
 
 
-def read_records(path: Path) -> Iterator[dict[str, Any]]:
-    """Every complete record; a torn or corrupt line is skipped."""
+def record_problem(obj: Any) -> str | None:
+    """What makes ``obj`` unusable as a record (readers need these fields), or None."""
+    if not isinstance(obj, dict):
+        return f"a JSON {type(obj).__name__}, not an object"
+    missing = [k for k in ("cell", "status", "method", "model", "suite") if k not in obj]
+    if missing:
+        return "no " + ", ".join(missing)
+    if not isinstance(obj["cell"], str) or obj["status"] not in ("ok", "error", "skipped"):
+        return "bad cell or status"
+    for part in ("method", "model", "suite"):
+        if not (isinstance(obj[part], dict) and isinstance(obj[part].get("name"), str)):
+            return f"{part} has no name"
+    if not isinstance(obj.get("metrics") or {}, dict):
+        return "metrics is not an object"
+    return None
+
+
+def read_records(path: Path, malformed: list[tuple[int, str]] | None = None) -> Iterator[dict[str, Any]]:
+    """Every complete, well-formed record. A torn, corrupt or incomplete line is skipped; its line
+    number and what is wrong with it go to ``malformed`` when given."""
     if not path.exists():
         return
     with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
+        for number, line in enumerate(f, start=1):
             line = line.strip()
             if not line:
                 continue
             try:
                 obj = json.loads(line)
             except ValueError:
-                continue
-            if isinstance(obj, dict) and "cell" in obj:
+                problem = "not JSON"
+            else:
+                problem = record_problem(obj)
+            if problem is None:
                 yield obj
+            elif malformed is not None:
+                malformed.append((number, problem))
 
 
-def latest_records(path: Path) -> dict[str, dict[str, Any]]:
+def latest_records(path: Path, malformed: list[tuple[int, str]] | None = None) -> dict[str, dict[str, Any]]:
     """The last record of each cell (a failed cell that later succeeded shows as ok)."""
     latest: dict[str, dict[str, Any]] = {}
-    for rec in read_records(path):
+    for rec in read_records(path, malformed):
         latest[rec["cell"]] = rec
     return latest
+
+
+def warn(message: str) -> None:
+    """One warning line on stderr (the user's terminal; stdout may be a report being piped)."""
+    import sys
+
+    print(f"qbench: warning: {message}", file=sys.stderr, flush=True)
+
+
+def malformed_warning(path: Path, malformed: list[tuple[int, str]]) -> str | None:
+    """One line for every malformed record of a file, or None."""
+    if not malformed:
+        return None
+    numbers = ", ".join(str(n) for n, _ in malformed[:10]) + (", ..." if len(malformed) > 10 else "")
+    reasons = sorted({why for _, why in malformed})
+    plural = "s" if len(malformed) > 1 else ""
+    return (f"{path}: skipped {len(malformed)} malformed record{plural} (line{plural} {numbers}: "
+            f"{'; '.join(reasons[:3])}); their cells count as not recorded")
+
+
+def load_latest(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """The latest well-formed record of each cell of a run directory, for report and compare: one
+    line for what is wrong with the directory (QBenchError), one warning for malformed records."""
+    from qbench.params import QBenchError
+
+    run_dir = Path(run_dir)
+    path = run_dir / RECORDS
+    if run_dir.is_file():
+        raise QBenchError(f"{run_dir} is a file, not a run directory; pass the --out directory of a qbench run")
+    if not run_dir.is_dir():
+        raise QBenchError(f"run directory {run_dir} does not exist")
+    if not path.is_file():
+        if (run_dir / "run.json").is_file():
+            raise QBenchError(f"{run_dir} has no records yet: its run stopped (or is still running) before the "
+                              f"first cell finished; rerun its command to finish it")
+        raise QBenchError(f"no {RECORDS} in {run_dir}; pass the --out directory of a qbench run")
+    malformed: list[tuple[int, str]] = []
+    latest = latest_records(path, malformed)
+    problem = malformed_warning(path, malformed)
+    if problem:
+        warn(problem)
+    if not latest:
+        raise QBenchError(f"{path} has no complete records yet")
+    return latest
+
+
+def read_run_json(run_dir: Path, for_report: bool = False) -> dict[str, Any] | None:
+    """``run.json`` of a run directory, or None where there is none. A corrupt one stops a run (one
+    line: which file, what to do); a report only warns, since the records carry everything it shows."""
+    from qbench.params import QBenchError
+
+    path = Path(run_dir) / RUN_JSON
+    if not path.is_file():
+        return None
+    try:
+        run = json.loads(path.read_text(encoding="utf-8"))
+        problem = None if isinstance(run, dict) else f"a JSON {type(run).__name__}, not an object"
+        invocations = run.get("invocations", []) if problem is None else []
+        if problem is None and not (isinstance(invocations, list) and all(
+                isinstance(i, dict) and isinstance(i.get("argv"), list) and all(isinstance(a, str) for a in i["argv"])
+                for i in invocations)):
+            problem = "its invocations are not a list of {argv, time}"
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        problem = f"{type(exc).__name__}: {exc}"
+    if problem is None:
+        return run
+    if for_report:
+        warn(f"{path} is unreadable ({problem}); the report leaves out the commands it lists (the records "
+             f"are complete); move it away to silence this")
+        return None
+    raise QBenchError(f"{path} is corrupt ({problem}); move it away (the records in {RECORDS} are kept) "
+                      f"and rerun the same command")

@@ -11,13 +11,13 @@ import pandas as pd
 
 from qbench.leaderboard import claim_lines, leaderboard, load_frame, with_uncertainty_in_cells
 from qbench.params import QBenchError
+from qbench.records import read_run_json
 
 
 def context_lines(frame: pd.DataFrame, run_dir: Path) -> list[str]:
     lines = []
-    run_json = Path(run_dir) / "run.json"
-    if run_json.is_file():
-        run = json.loads(run_json.read_text())
+    run = read_run_json(Path(run_dir), for_report=True)  # optional: the records suffice
+    if run:
         commands = []  # every distinct invocation that added cells to this run directory
         for invocation in run.get("invocations") or []:
             command = " ".join(invocation["argv"])

@@ -102,6 +102,12 @@ def _png(fig) -> str:
 
 def plots(board: pd.DataFrame) -> list[tuple[str, str]]:
     """(title, base64 PNG) per plot; raises ImportError without matplotlib."""
+    import os
+
+    from qbench.models import cache_dir
+
+    # its font cache goes under qbench's cache dir, not ~/.cache/matplotlib (only if not imported yet)
+    os.environ.setdefault("MPLCONFIGDIR", str(cache_dir() / "matplotlib"))
     import matplotlib
 
     matplotlib.use("Agg")

@@ -6,20 +6,34 @@ so rerunning the same command after a kill finishes the run with every cell reco
 from __future__ import annotations
 
 import json
-import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from qbench import host
+from qbench.durable import write_atomic, write_error
+from qbench.lock import hold_run_dir
 from qbench.params import QBenchError, Spec
-from qbench.records import RECORDS, append_record, cell_id, environment, latest_records, repair_torn_tail
+from qbench.records import (
+    RECORDS,
+    RUN_JSON,
+    append_record,
+    cell_id,
+    environment,
+    latest_records,
+    malformed_warning,
+    read_run_json,
+    repair_torn_tail,
+    warn,
+)
 
 DEFAULT_METHODS = "fp16,int8-absmax,affine:bits=4,group_size=128,nf4"
 DEFAULT_SUITES = "memory,latency,perplexity"
 DEFAULT_CPU_LIMIT = 4  # perplexity windows on CPU unless --limit says otherwise
+SCRATCH = ".cells"  # cell processes' scratch space, inside the run directory
 
 
 @dataclass
@@ -40,6 +54,8 @@ class RunConfig:
     use_cache: bool = True
     threads: int | None = None
     notes: list[str] = field(default_factory=list)
+    limit_is_default: bool = False  # --limit not given: say so where a suite reads text
+    wait: bool = False  # wait for another run holding the directory instead of refusing
 
 
 def check_output_dir(out: Path) -> None:
@@ -97,6 +113,7 @@ def plan(config: RunConfig) -> list[dict[str, Any]]:
     if any(getattr(m, "needs_calibration", False) for m in methods):
         load_text(config.calibration, data_dir=config.data_dir)
     executors = host.executors()
+    host.check_refused("executors", config.executor)
     if config.executor not in executors:
         raise QBenchError(f"unknown executor {config.executor!r}; valid executors: {', '.join(sorted(executors))}")
     executors[config.executor].check_available()
@@ -126,10 +143,9 @@ def plan(config: RunConfig) -> list[dict[str, Any]]:
     return unique
 
 
-def _write_run_json(config: RunConfig, cells: list[dict], argv: list[str]) -> None:
-    path = config.out / "run.json"
-    previous = json.loads(path.read_text()) if path.is_file() else {}
-    invocations = previous.get("invocations", [])
+def _write_run_json(config: RunConfig, cells: list[dict], argv: list[str], previous: dict | None,
+                    notes: list[str]) -> None:
+    invocations = list((previous or {}).get("invocations", []))
     invocations.append({"argv": argv, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     run = {
         "methods": [str(s) for s in config.methods],
@@ -143,12 +159,19 @@ def _write_run_json(config: RunConfig, cells: list[dict], argv: list[str]) -> No
         "seed": config.seed,
         "executor": config.executor,
         "cells": [c["id"] for c in cells],
-        "notes": config.notes,
+        "notes": notes,
         "invocations": invocations,
     }
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(run, indent=1))
-    os.replace(tmp, path)
+    write_atomic(config.out / RUN_JSON, json.dumps(run, indent=1))
+
+
+def clean_scratch(out: Path) -> Path:
+    """The cell processes' scratch folder, emptied of what killed runs left (called with the run
+    directory locked, so nothing in it belongs to a live run)."""
+    scratch = out / SCRATCH
+    if scratch.is_dir():
+        shutil.rmtree(scratch, ignore_errors=True)
+    return scratch
 
 
 def cell_label(cell: dict) -> str:
@@ -197,17 +220,43 @@ class Progress:
             self.rich.stop()
 
 
-def execute(config: RunConfig, argv: list[str] | None = None) -> dict[str, Any]:
-    """Run the matrix. Returns a summary: cells, skipped (already done), failed cell labels."""
+def execute(config: RunConfig, argv: list[str] | None = None, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the matrix. Returns a summary: cells, skipped (already done), failed cell labels.
+    Everything is checked (plan, the directory's lock, run.json) before ``say`` announces the run."""
     cells = plan(config)
+    argv = argv or []
+    with hold_run_dir(config.out, " ".join(argv) or "qbench run", wait=config.wait,
+                      on_wait=lambda holder: say(f"run directory {config.out} is in use by {holder}; waiting")):
+        return _execute_locked(config, cells, argv, say)
+
+
+def _execute_locked(config: RunConfig, cells: list[dict], argv: list[str],
+                    say: Callable[[str], None]) -> dict[str, Any]:
+    previous = read_run_json(config.out)  # a corrupt one stops here, before any cell
+    notes = list(config.notes)
+    if config.limit_is_default and config.limit is not None and any(c["dataset"] for c in cells):
+        notes.append(f"CPU default: perplexity over the first {config.limit} windows; "
+                     f"--limit all evaluates the full split")
     records_path = config.out / RECORDS
     repair_torn_tail(records_path)
-    done = {cid for cid, rec in latest_records(records_path).items() if rec.get("status") in ("ok", "skipped")}
+    malformed: list[tuple[int, str]] = []
+    recorded = latest_records(records_path, malformed)
+    problem = malformed_warning(records_path, malformed)
+    if problem:
+        warn(problem)
+    done = {cid for cid, rec in recorded.items() if rec.get("status") in ("ok", "skipped")}
     todo = [c for c in cells if c["id"] not in done]
     log_dir = config.out / "logs"
     executor = host.executors()[config.executor](log_dir=log_dir)
-    _write_run_json(config, cells, argv or [])
-    log_dir.mkdir(exist_ok=True)
+    executor.scratch_dir = clean_scratch(config.out)
+    _write_run_json(config, cells, argv, previous, notes)
+    try:
+        log_dir.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise write_error(log_dir, exc, "create") from None
+    say(f"run directory {config.out}")
+    for note in notes:
+        say(note)
     env = environment(config.device)
     progress = Progress(len(cells), len(cells) - len(todo), parallel=executor.parallel)
     failed: list[str] = []
@@ -228,6 +277,7 @@ def execute(config: RunConfig, argv: list[str] | None = None) -> dict[str, Any]:
         executor.run(todo, on_start, on_result)
     finally:
         progress.close()
+        shutil.rmtree(executor.scratch_dir, ignore_errors=True)
     return {"cells": len(cells), "already_done": len(cells) - len(todo), "ran": len(todo), "failed": failed,
             "records": str(records_path)}
 
@@ -241,9 +291,10 @@ def make_record(cell: dict, result: dict, env: dict, duration: float) -> dict[st
     record = {
         "cell": cell["id"],
         "status": result.get("status", "error"),
-        "method": cell["method"],
+        # which distribution (and version) provided the method and the suite: not part of the cell id
+        "method": {**cell["method"], "provided_by": host.provenance("methods", cell["method"]["name"])},
         "model": {"name": cell["model"], **{k: v for k, v in (result.get("model_info") or {}).items() if k != "name"}},
-        "suite": cell["suite"],
+        "suite": {**cell["suite"], "provided_by": host.provenance("suites", cell["suite"]["name"])},
         "dataset": dataset,
         "limit": cell.get("limit"),
         "device": cell["device"],

@@ -32,6 +32,9 @@ def test_matrix_records_and_resume(tmp_path):
     assert ppl["metrics"]["ppl"]["value"] > 1
     for key in ("python", "torch", "triton", "transformers", "git", "device"):
         assert key in ppl["env"]
+    # which distribution provided the method and the suite
+    assert ppl["method"]["provided_by"]["distribution"] == ppl["suite"]["provided_by"]["distribution"] == "qbench-quant"
+    assert ppl["method"]["provided_by"]["plugin"] == "qbench.plugins.baseline"
     assert json.loads((out / "run.json").read_text())["methods"] == ["fp32", "fp16"]
     memory = {r["method"]["name"]: r for r in recs if r["suite"]["name"] == "memory"}
     assert memory["fp32"]["metrics"]["bits_per_weight"]["value"] == 32
@@ -69,6 +72,8 @@ def test_failing_cells_are_recorded_and_the_rest_finish(tmp_path):
     for r in recs:
         by_method.setdefault(r["method"]["label"], []).append(r)
     assert {r["status"] for r in by_method["sign"]} == {"ok"}
+    assert by_method["sign"][0]["method"]["provided_by"] == {"plugin": "sign", "distribution": "qbench-sign-method",
+                                                             "version": "0.1"}
     assert all("deliberate failure" in r["message"] for r in by_method["sign:crash=raise"])
     assert all("SIGSEGV" in r["message"] for r in by_method["sign:crash=segfault"])
     # the third-party method went through the same suites and the leaderboard shows every cell

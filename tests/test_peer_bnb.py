@@ -63,9 +63,9 @@ def test_installed_package_runs_through_qbench_run(installed_peer, tmp_path):
     assert {r["status"] for r in recs.values()} == {"ok"}
     assert recs["bnb-nf4"]["kernel_paths"] == ["bitsandbytes"]
     assert recs["bnb-nf4"]["method_report"]["bitsandbytes"]
-    # Same codes and state. Not bit-identical here: tiny-llama's down_proj rows (176) are not a
-    # multiple of the block (64), and bitsandbytes' CPU dequantize kernel then decodes the
-    # blocks that cross rows differently from its own quantizer (see the layer test below).
+    # Same codes and state. Not always bit-identical: tiny-llama's down_proj rows (176) are not a
+    # multiple of the block (64), and some bitsandbytes CPU builds decode the blocks that cross
+    # rows wrongly (the layer test below detects it and says so).
     ppl = {m: r["metrics"]["ppl"]["value"] for m, r in recs.items()}
     assert math.isclose(ppl["nf4"], ppl["bnb-nf4"], rel_tol=1e-2), ppl
     report = qbench_cli("report", str(out), env_extra=installed_peer)
@@ -90,6 +90,7 @@ def test_memory_counts_what_bitsandbytes_stores():
 
 @pytest.mark.parametrize("in_features", [128, 176])
 def test_bnb_nf4_layer_agrees_with_our_nf4(in_features):
+    from qbench.kernels.nf4 import dequantize_nf4_reference
     from qbench.plugins.nf4 import NF4Linear
 
     torch.manual_seed(3)
@@ -97,12 +98,25 @@ def test_bnb_nf4_layer_agrees_with_our_nf4(in_features):
     theirs, ours = peer.Bnb4bitLinear.from_linear(linear, 64, True, "nf4"), NF4Linear.from_linear(linear, 64)
     assert torch.equal(theirs.packed.reshape(-1), ours.packed.reshape(-1))
     x = torch.randn(5, in_features)
+    correct = nn.functional.linear(x, dequantize_nf4_reference(ours.q, torch.float32), linear.bias)
     with torch.no_grad():
-        gap = (theirs(x) - ours(x)).abs().max().item()
-    if in_features % 64 == 0:
-        assert gap < 1e-5
-    else:  # bitsandbytes' CPU dequantize: blocks crossing rows decoded with the wrong absmax
-        assert gap > 1e-3
+        got_ours, got_theirs = ours(x), theirs(x)
+    torch.testing.assert_close(got_ours, correct, rtol=1e-5, atol=1e-5)
+    if in_features % 64 and (got_theirs - correct).abs().max() > 1e-3:
+        # Rows of 176 weights: blocks of 64 cross rows. Some bitsandbytes CPU builds decode such
+        # blocks with the wrong absmax; that is theirs to fix, not a failure of ours (checked above).
+        dequant_ok = torch.allclose(bnbf.dequantize_4bit(theirs.packed, theirs.state),
+                                    dequantize_nf4_reference(ours.q, torch.float32), atol=1e-6)
+        where = "matmul_4bit" if dequant_ok else "dequantize_4bit"
+        pytest.skip(f"bitsandbytes {bnb_version()} on CPU computes blocks that cross rows wrongly (in {where}): "
+                    f"a known bug of theirs, detected here")
+    assert (got_theirs - got_ours).abs().max() < 1e-5
+
+
+def bnb_version() -> str:
+    from qbench.records import distribution_version
+
+    return distribution_version("bitsandbytes") or "?"
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
