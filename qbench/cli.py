@@ -103,8 +103,8 @@ def _limit(value: str | None, device: str) -> tuple[int | None, list[str]]:
 
     if value is None:
         if device == "cpu":
-            return DEFAULT_CPU_LIMIT, [f"CPU default: perplexity over the first {DEFAULT_CPU_LIMIT} windows; "
-                                       f"--limit all evaluates the full split"]
+            return DEFAULT_CPU_LIMIT, [f"CPU default: perplexity over the first {DEFAULT_CPU_LIMIT} windows "
+                                       f"(accuracy: items per task); --limit all evaluates the full split"]
         return None, []
     if value.lower() in ("all", "none", "0"):
         return None, []
@@ -126,7 +126,8 @@ def _limit(value: str | None, device: str) -> tuple[int | None, list[str]]:
 @click.option("--data-dir", default=None, help="folder laid out like shared/data (else $QBENCH_DATA_DIR, else the hub)")
 @click.option("--calibration", default="c4", show_default=True, help="dataset for calibrating methods (GPTQ, static INT8)")
 @click.option("--out", default=None, help="run directory (default: results/runs/run-<hash of the options>)")
-@click.option("--limit", default=None, help="perplexity windows (default on CPU: 4; 'all' for the full split)")
+@click.option("--limit", default=None, help="perplexity/fidelity windows, accuracy items per task "
+              "(default on CPU: 4; 'all' for the full split)")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--dtype", default="auto", show_default=True, help="compute dtype: auto (fp16 on GPU, fp32 on CPU), float32, float16, bfloat16")
 @click.option("--seed", default=0, show_default=True, type=int)

@@ -28,6 +28,7 @@ from qbench import hookimpl
 from qbench.params import Param, QBenchError
 from qbench.suite import CellContext, Metric, MetricSpec, Suite
 
+
 def _tasks_dir() -> Path:
     import qbench.tasks
 
@@ -232,8 +233,10 @@ class AccuracySuite(Suite):
                        check=lambda v: None if v > 0 else "must be positive"),
         "num_fewshot": Param(int, 0, "few-shot examples (from the train split: hub tasks only)",
                              check=lambda v: None if v >= 0 else "must be >= 0"),
-        "batch_size": Param(int, 16, "requests per forward pass", check=lambda v: None if v > 0 else "must be positive"),
-        "source": Param(str, "auto", "auto: the local task file where found, else the hub; local; hub", choices=SOURCES),
+        "batch_size": Param(int, 16, "requests per forward pass",
+                            check=lambda v: None if v > 0 else "must be positive"),
+        "source": Param(str, "auto", "auto: the local task file where found, else the hub; local; hub",
+                        choices=SOURCES),
         "bootstrap_iters": Param(int, 100000, "bootstrap draws for stderrs without a closed form (lambada ppl; "
                                  "lm-eval's default)", check=lambda v: None if v >= 0 else "must be >= 0"),
     }
