@@ -310,3 +310,29 @@ def test_cli_stops_before_any_cell_when_task_data_is_missing(tmp_path):
     [line] = [line for line in result.stderr.splitlines() if "accuracy task" in line]  # one line
     assert "winogrande/dev.jsonl" in line and "offline" in line
     assert not (out / "records.jsonl").exists()
+
+
+def test_leaderboard_shows_accuracy_with_stderr_and_recovery(tmp_path):
+    from qbench.cell import _jsonable_metrics
+    from qbench.leaderboard import leaderboard, load_frame
+    from tests.fake_runs import record, write_run
+
+    suite = accuracy.AccuracySuite(tasks="piqa+arc_challenge")
+    recs = []
+    for method, piqa, arc in (("fp16", 0.60, 0.30), ("nf4", 0.57, 0.27)):
+        results = {"results": {"piqa": {"acc,none": piqa, "acc_stderr,none": 0.02, "acc_norm,none": piqa + 0.01,
+                                        "acc_norm_stderr,none": 0.02},
+                               "arc_challenge": {"acc,none": arc - 0.05, "acc_stderr,none": 0.03,
+                                                 "acc_norm,none": arc, "acc_norm_stderr,none": 0.03}},
+                   "n-samples": {"piqa": {"effective": 50}, "arc_challenge": {"effective": 50}}}
+        rec = record(method, "accuracy", {})
+        rec["metrics"] = _jsonable_metrics(accuracy.metrics_from_results(results, suite.task_names), suite)
+        recs.append(rec)
+    board = leaderboard(load_frame(write_run(tmp_path / "run", recs)))
+    nf4 = board[board["method"] == "nf4"].iloc[0]
+    assert nf4["piqa acc (%)"] == 57.0 and nf4["piqa acc (%) ±"] == 2.0
+    assert nf4["piqa recovery %"] == 95.0
+    assert nf4["arc_challenge recovery %"] == 90.0
+    assert nf4["mean acc (%)"] == 42.0 and nf4["mean recovery %"] == pytest.approx(100 * 0.42 / 0.45, abs=0.01)
+    assert "piqa acc_norm (%)" not in board.columns  # the other metric: --columns all
+    assert "piqa acc_norm (%)" in leaderboard(load_frame(tmp_path / "run"), columns="all").columns
