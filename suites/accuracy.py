@@ -50,7 +50,7 @@ SOURCES = ("auto", "local", "hub")
 
 
 def _check_tasks(value: str) -> str | None:
-    names = [n for n in value.split("+")]
+    names = value.split("+")
     if not all(names):
         return "task names are joined by '+', e.g. piqa+arc_easy"
     unknown = [n for n in names if n not in TASKS]
@@ -112,6 +112,9 @@ def resolve_source(task: str, source: str, data_dir: str | None) -> tuple[str, d
     files, looked = find_local(task, data_dir) if source in ("auto", "local") else (None, [])
     if files is not None:
         return "local", files
+    if source == "hub" and _offline():
+        raise QBenchError(f"accuracy:source=hub: task {task} needs the hub, which is offline (HF_HUB_OFFLINE/"
+                          f"HF_DATASETS_OFFLINE); use source=auto or local with the task files in <data dir>/tasks")
     where = ", ".join(looked) if looked else "no data dir set (--data-dir or QBENCH_DATA_DIR)"
     if source == "local":
         raise QBenchError(f"accuracy task {task}: local file not found (looked for {where}); pass --data-dir DIR "

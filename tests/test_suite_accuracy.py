@@ -284,6 +284,7 @@ def test_missing_task_file_says_what_and_where(tmp_path, monkeypatch):
     assert str(tmp_path / "tasks" / "piqa" / "valid.jsonl") in problem and "offline" in problem
     local = accuracy.AccuracySuite(tasks="winogrande", source="local")
     assert "no data dir set" in local.check_run(["smollm2-135m"], None)
+    assert "source=hub" in accuracy.AccuracySuite(tasks="piqa", source="hub").check_run(["smollm2-135m"], None)
 
 
 @needs_data
