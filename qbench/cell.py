@@ -93,7 +93,7 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     dataset = load_text(cell["dataset"], data_dir=data_dir) if suite.needs_dataset else None
     ctx = CellContext(model=model, tokenizer=loaded.tokenizer, model_info=loaded.info, method=method,
                       device=device, dtype=dtype, dataset=dataset, limit=cell.get("limit"), seed=seed,
-                      reload_model=build)
+                      reload_model=build, data_dir=data_dir)
     start = time.perf_counter()
     metrics = suite.measure(ctx)
     if device.type == "cuda":

@@ -158,7 +158,8 @@ def _limit(value: str | None, device: str) -> tuple[int | None, bool]:
 @click.option("--data-dir", default=None, help="folder laid out like shared/data (else $QBENCH_DATA_DIR, else the hub)")
 @click.option("--calibration", default="c4", show_default=True, help="dataset for calibrating methods (GPTQ, static INT8)")
 @click.option("--out", default=None, help="run directory (default: results/runs/run-<hash of the options>)")
-@click.option("--limit", default=None, help="perplexity windows (default on CPU: 4; 'all' for the full split)")
+@click.option("--limit", default=None, help="perplexity/fidelity windows, accuracy items per task "
+              "(default on CPU: 4; 'all' for the full split)")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--dtype", default="auto", show_default=True, help="compute dtype: auto (fp16 on GPU, fp32 on CPU), float32, float16, bfloat16")
 @click.option("--seed", default=0, show_default=True, type=int)

@@ -41,6 +41,7 @@ BUILTIN_PLUGINS = [
     "qbench.suites.perplexity",
     "qbench.suites.checkpointing",
     "qbench.suites.fidelity",
+    "qbench.suites.accuracy",
     "qbench.executors",
     "qbench.executor_ray",
 ]

@@ -110,6 +110,10 @@ def plan(config: RunConfig) -> list[dict[str, Any]]:
                 problem = suite.check_dataset(source, tokens, max_length)
                 if problem:
                     raise QBenchError(problem)
+    for suite in suites:
+        problem = suite.check_run(models, config.data_dir)
+        if problem:
+            raise QBenchError(problem)
     if any(getattr(m, "needs_calibration", False) for m in methods):
         load_text(config.calibration, data_dir=config.data_dir)
     executors = host.executors()
@@ -128,7 +132,7 @@ def plan(config: RunConfig) -> list[dict[str, Any]]:
                     "model": model,
                     "suite": suite.describe(),
                     "dataset": config.dataset if suite.needs_dataset else None,
-                    "limit": config.limit if suite.needs_dataset else None,
+                    "limit": config.limit if suite.needs_dataset or suite.reads_limit else None,
                     "device": config.device,
                     "dtype": config.dtype,
                     "seed": config.seed,
@@ -234,8 +238,8 @@ def _execute_locked(config: RunConfig, cells: list[dict], argv: list[str],
                     say: Callable[[str], None]) -> dict[str, Any]:
     previous = read_run_json(config.out)  # a corrupt one stops here, before any cell
     notes = list(config.notes)
-    if config.limit_is_default and config.limit is not None and any(c["dataset"] for c in cells):
-        notes.append(f"CPU default: perplexity over the first {config.limit} windows; "
+    if config.limit_is_default and config.limit is not None and any(c.get("limit") is not None for c in cells):
+        notes.append(f"CPU default: perplexity over the first {config.limit} windows (accuracy: items per task); "
                      f"--limit all evaluates the full split")
     records_path = config.out / RECORDS
     repair_torn_tail(records_path)
@@ -288,6 +292,8 @@ def make_record(cell: dict, result: dict, env: dict, duration: float) -> dict[st
         dataset = {"name": cell["dataset"], **(result.get("dataset") or {})}
         if result.get("protocol"):
             dataset["protocol"] = result["protocol"]
+    elif result.get("protocol"):  # a suite that reads data of its own (accuracy: lm-eval tasks)
+        dataset = {"protocol": result["protocol"]}
     record = {
         "cell": cell["id"],
         "status": result.get("status", "error"),

@@ -137,6 +137,7 @@ class CellContext:
     # The notes' claims this cell checked: {"claim", "measured", "verdict"} each.
     claims: list[dict[str, str]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # suite-specific record fields (windows, timer…)
+    data_dir: str | None = None  # the run's --data-dir, for suites that read data of their own
 
 
 class Suite:
@@ -144,6 +145,9 @@ class Suite:
 
     ``needs_dataset``: the runner resolves ``--dataset`` before the cell starts (and fails the
     whole run early, with one line, when it cannot be found), then asks :meth:`check_dataset`.
+    ``reads_limit``: the run's ``--limit`` reaches ``ctx.limit`` (and the cell's identity) even
+    though the suite reads no ``--dataset``. :meth:`check_run` is asked of every suite before any
+    cell starts (data a suite reads itself, models it cannot run on).
     """
 
     name: ClassVar[str] = ""
@@ -151,6 +155,7 @@ class Suite:
     params: ClassVar[dict[str, Param]] = {}
     metrics: ClassVar[dict[str, MetricSpec]] = {}
     needs_dataset: ClassVar[bool] = False
+    reads_limit: ClassVar[bool] = False
 
     def __init__(self, **params: Any):
         self.values = validate_params(f"suite {self.name}", self.params, params)
@@ -166,6 +171,11 @@ class Suite:
     def check_dataset(self, source, tokens: int, max_length: int) -> str | None:
         """Before any cell starts: a message if ``source`` (``tokens`` long for a model whose context
         is ``max_length``) cannot serve this suite, else None. Only called when ``needs_dataset``."""
+        return None
+
+    def check_run(self, models: list[str], data_dir: str | None) -> str | None:
+        """Before any cell starts: a message if this suite cannot run on ``models`` or cannot find
+        data it reads itself (under ``data_dir`` / ``QBENCH_DATA_DIR``), else None."""
         return None
 
     def measure(self, ctx: CellContext) -> dict[str, Metric]:
