@@ -183,10 +183,9 @@ class Int8Absmax(Method):
         "seqlen": Param(int, 512, "tokens per calibration window (activations=static)", check=_positive),
     }
 
-    def __init__(self, **params: Any):
-        super().__init__(**params)
-        # Only static activation scales need data; an instance attribute so the class default stays False.
-        self.needs_calibration = self.values["activations"] == "static"
+    @property
+    def needs_calibration(self) -> bool:
+        return self.values["activations"] == "static"  # only static activation scales need data
 
     def check(self, values: dict[str, Any]) -> str | None:
         if values["granularity"] == "block" and values["activations"] != "none":

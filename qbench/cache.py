@@ -20,7 +20,9 @@ from qbench.method import class_path, load_class, quantized_modules, set_submodu
 from qbench.models import cache_dir
 from qbench.records import canonical
 
-FORMAT = 1
+# 2: the LoRA and NF4 layers moved to qbench.quant, and qlora's train stage no longer keeps a
+# dequantized copy of each frozen weight (entries of format 1 carry that training's peak memory).
+FORMAT = 2
 
 
 def cache_key(method_desc: dict, model_info: dict, dtype: torch.dtype, extra: dict | None = None) -> str:
@@ -73,10 +75,11 @@ def load_quantized(path: Path, model: nn.Module, device: torch.device) -> dict[s
 
 
 def quantize_cached(method, model: nn.Module, model_info: dict, dtype: torch.dtype, device: torch.device,
-                    calibration_factory: Callable[[], Any] | None, after_quantize: Callable | None = None,
+                    calibration_factory: Callable[[], Any] | None, train: Callable | None = None,
                     use_cache: bool = True) -> tuple[nn.Module, dict[str, Any]]:
-    """Quantize ``model`` with ``method`` or load the cached result. Returns (model, info) where info
-    holds quantize time, whether the cache was hit, and the method's own report."""
+    """Quantize ``model`` with ``method``, then run ``train(model)`` (the train stage of methods that
+    fine-tune; its metrics go under ``info["train"]``), or load the cached result of both. Returns
+    (model, info) where info holds quantize time, whether the cache was hit, and the method's own report."""
     desc = method.describe()
     key = cache_key(desc, model_info, dtype)
     path = entry_dir(key, model_info["name"], desc["label"])
@@ -94,8 +97,8 @@ def quantize_cached(method, model: nn.Module, model_info: dict, dtype: torch.dty
     quantize_s = time.perf_counter() - start
     info: dict[str, Any] = {"from_cache": False, "quantize_s": round(quantize_s, 3),
                             "calibration": calibration.describe() if calibration is not None else None}
-    if after_quantize is not None:
-        info["train"] = after_quantize(model)
+    if train is not None:
+        info["train"] = train(model)
     if use_cache and method.cacheable:
         save_quantized(path, model, {"method": desc, "model": model_info["name"], "dtype": str(dtype),
                                      "quantize_s": info["quantize_s"], "calibration": info["calibration"],
