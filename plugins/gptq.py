@@ -17,14 +17,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from qbench import hookimpl
 from qbench.kernels._triton import use_triton_in_module
 from qbench.kernels.gptq_matmul import gptq_matmul, gptq_matmul_reference
 from qbench.kernels.gptq_pack import (CHECKPOINT_FORMATS, SUPPORTED_BITS, dequantize_gptq, pack_gptq, pack_qzeros,
-                               packed_rows, unpack_qzeros)
-from qbench.plugins.gptq_algorithm import LayerQuantization, gptq_quantize_blocks
-from qbench import hookimpl
+                                      packed_rows, unpack_qzeros)
 from qbench.method import Method, QuantizedLinear, quantizable_linears, quantized_modules, set_submodule
 from qbench.params import Param, QBenchError
+from qbench.quant.gptq import LayerQuantization, gptq_quantize_blocks
 
 GROUP_SIZES = (-1, 32, 64, 128)
 # Calibration when nsamples/seqlen are not given: the reference's 128 x 2048 on a GPU; on CPU that

@@ -17,7 +17,7 @@ from qbench import hookimpl
 from qbench.method import Method, replace_linears
 from qbench.params import Param, QBenchError, QBenchSkip
 from qbench.records import distribution_version
-from qbench.plugins.peer_common import PeerTensorLinear, check_finite, importable
+from qbench.quant.peer import PeerTensorLinear, check_finite, importable
 
 GROUP_SIZES = (16, 32, 64, 128, 256)
 

@@ -26,7 +26,7 @@ from qbench.cache import quantize_cached
 from qbench.data import Calibration, encode, load_text
 from qbench.method import quantizable_linears, quantized_modules
 from qbench.models import DEMO_MODEL, load_model
-from qbench.plugins.gptq_algorithm import rtn_dequantize
+from qbench.quant.gptq import rtn_dequantize
 from qbench.records import environment
 
 

@@ -12,7 +12,7 @@ from qbench.models import ByteTokenizer, tiny_llama
 from qbench.params import QBenchError
 from qbench.plugins import gptq as gptq_plugin
 from qbench.plugins.gptq import GPTQ, GPTQLinear, load_gptq_checkpoint, save_gptq_checkpoint
-from qbench.plugins.gptq_algorithm import HessianAccumulator, gptq_quantize_weight, inverse_cholesky
+from qbench.quant.gptq import HessianAccumulator, gptq_quantize_weight, inverse_cholesky
 
 TEXT = ("The quick brown fox jumps over the lazy dog while the committee reviews the budget. "
         "Quantization maps each weight to a small grid; GPTQ corrects the rounding error of each column "

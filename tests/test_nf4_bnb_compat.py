@@ -12,8 +12,8 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from qbench.kernels.nf4 import (DYNAMIC_MAP, FP4_CODE, NF4_CODE, dequantize_nf4, dequantize_nf4_reference,  # noqa: E402
                                 quantize_nf4, quantize_nf4_reference)
-from qbench.plugins.nf4 import NF4Linear  # noqa: E402
-from qbench.plugins.nf4_checkpoint import (load_nf4_checkpoint, nf4_tensor_from_state,  # noqa: E402
+from qbench.quant.nf4 import NF4Linear  # noqa: E402
+from qbench.formats.bnb_nf4 import (load_nf4_checkpoint, nf4_tensor_from_state,  # noqa: E402
                                            quant_state_tensors, save_nf4_checkpoint)
 
 CPU = torch.device("cpu")
