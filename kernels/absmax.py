@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from qbench.kernels._round import round_half_even
-from qbench.kernels._triton import INTERPRET, UPCAST_BF16, cdiv, triton_can_run
+from qbench.kernels._triton import INTERPRET, cdiv, triton_can_run
 from qbench.params import QBenchError
 
 QMAX = 127
@@ -47,7 +47,7 @@ def check_finite(x: torch.Tensor, what: str = "tensor") -> None:
 def _absmax_quantize_kernel(
     x_ptr, codes_ptr, scale_ptr, fixed_inv_ptr,
     cols, group_size, stride_xr, stride_cr, stride_sr,
-    FIXED_SCALE: tl.constexpr, UPCAST: tl.constexpr, BLOCK: tl.constexpr,
+    FIXED_SCALE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # One program per (row, group): absmax of the group, then codes. The loops make long rows
     # (11008 columns) fit in registers on GPU.
@@ -122,7 +122,7 @@ def quantize_rows(x2d: torch.Tensor, group_size: int | None = None, fixed_absmax
         return codes, scale
     _absmax_quantize_kernel[(rows, groups)](
         x2d, codes, scale, inv, cols, group_size, x2d.stride(0), codes.stride(0), scale.stride(0),
-        FIXED_SCALE=fixed_absmax is not None, UPCAST=UPCAST_BF16, BLOCK=_block_for(group_size),
+        FIXED_SCALE=fixed_absmax is not None, BLOCK=_block_for(group_size),
     )
     return codes, scale
 

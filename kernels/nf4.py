@@ -267,7 +267,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _quantize_4bit_kernel(w_ptr, packed_ptr, absmax_ptr, bounds_ptr, order_ptr, n,
-                              BLOCKSIZE: tl.constexpr, UPCAST_BF16: tl.constexpr):
+                              BLOCKSIZE: tl.constexpr):
         # One program per quantization block; pairs (2i, 2i+1) never straddle a block.
         block = tl.program_id(0)
         start = block.to(tl.int64) * BLOCKSIZE
@@ -371,7 +371,7 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     absmax = torch.empty(blocks, dtype=torch.float32, device=w.device)
     bounds, order = (t.to(w.device) for t in _TABLES[quant_type])
     _quantize_4bit_kernel[(blocks,)](flat, packed, absmax, bounds, order, n, BLOCKSIZE=blocksize,
-                                     UPCAST_BF16=INTERPRET, **_exact_fp32_options(flat))
+                                     **_exact_fp32_options(flat))
     return _with_absmax(packed, absmax, w, blocksize, double_quant, quant_type, _quantize_8bit_dynamic_triton)
 
 

@@ -14,9 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from qbench import hookimpl
+from qbench.dtypes import dtype_name, dtype_of
 from qbench.method import Method, QuantizedLinear, replace_linears
-
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 class FloatLinear(QuantizedLinear):
@@ -40,7 +39,7 @@ class FloatLinear(QuantizedLinear):
         return tensors
 
     def config(self) -> dict[str, Any]:
-        return {"dtype": str(self.weight.dtype).removeprefix("torch.")}
+        return {"dtype": dtype_name(self.weight.dtype)}
 
     @classmethod
     def from_stored(cls, tensors, config):
@@ -51,7 +50,7 @@ class _FloatBaseline(Method):
     cacheable = False  # a dtype cast is cheaper than a disk round trip
 
     def quantize(self, model: nn.Module, calibration=None) -> nn.Module:
-        dtype = DTYPES[self.name]
+        dtype = dtype_of(self.name)  # the method's name is the dtype's short name
         device = next(model.parameters()).device
         if device.type == "cuda":
             model = model.to(dtype)  # native half precision end to end
@@ -62,13 +61,12 @@ class _FloatBaseline(Method):
             return FloatLinear(linear.weight.data.to(dtype), bias)
 
         replace_linears(model, make)
-        self.report = {"storage_dtype": str(dtype).removeprefix("torch."),
-                       "compute_dtype": str(compute).removeprefix("torch.")}
+        self.report = {"storage_dtype": dtype_name(dtype), "compute_dtype": dtype_name(compute)}
         return model
 
     @property
     def nominal_bits(self) -> int:
-        return torch.finfo(DTYPES[self.name]).bits
+        return torch.finfo(dtype_of(self.name)).bits
 
 
 class FP16(_FloatBaseline):

