@@ -311,7 +311,8 @@ if HAS_TRITON:
         absmax = tl.max(tl.abs(x), axis=0)
         tl.store(absmax_ptr + block, absmax)
         nonzero = absmax > 0
-        inv = tl.math.div_rn(tl.full([256], 1.0, tl.float32), tl.where(nonzero, absmax, 1.0) + tl.zeros([256], tl.float32))
+        inv = tl.math.div_rn(tl.full([256], 1.0, tl.float32),
+                             tl.where(nonzero, absmax, 1.0) + tl.zeros([256], tl.float32))
         normed = tl.minimum(tl.maximum(x * inv, -1.0), 1.0)
         cell = (((normed + 1.0) * 0.5) * 65535.0 + 0.5).to(tl.int32)
         codes = tl.load(lut_ptr + cell, mask=mask, other=0)

@@ -360,7 +360,8 @@ def _check(x: torch.Tensor, q: NF4Tensor, dim: int, what: str) -> None:
     if len(q.shape) != 2:
         raise ValueError(f"nf4 matmul needs a 2-D quantized weight, got shape {q.shape}")
     if x.shape[-1] != q.shape[dim]:
-        raise ValueError(f"nf4 {what}: input has {x.shape[-1]} features, the weight {tuple(q.shape)} needs {q.shape[dim]}")
+        raise ValueError(f"nf4 {what}: input has {x.shape[-1]} features, "
+                         f"the weight {tuple(q.shape)} needs {q.shape[dim]}")
 
 
 def nf4_matmul(x: torch.Tensor, q: NF4Tensor, use_triton: bool | None = None) -> torch.Tensor:

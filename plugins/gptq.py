@@ -20,8 +20,15 @@ from torch import nn
 from qbench import hookimpl
 from qbench.kernels._triton import use_triton_in_module
 from qbench.kernels.gptq_matmul import gptq_matmul, gptq_matmul_reference
-from qbench.kernels.gptq_pack import (CHECKPOINT_FORMATS, SUPPORTED_BITS, dequantize_gptq, pack_gptq, pack_qzeros,
-                                      packed_rows, unpack_qzeros)
+from qbench.kernels.gptq_pack import (
+    CHECKPOINT_FORMATS,
+    SUPPORTED_BITS,
+    dequantize_gptq,
+    pack_gptq,
+    pack_qzeros,
+    packed_rows,
+    unpack_qzeros,
+)
 from qbench.method import Method, QuantizedLinear, quantizable_linears, quantized_modules, set_submodule
 from qbench.params import Param, QBenchError
 from qbench.quant.gptq import LayerQuantization, gptq_quantize_blocks
@@ -270,7 +277,8 @@ def read_quantization_config(directory: str | Path) -> dict[str, Any]:
     if not config and (directory / "quantize_config.json").exists():
         config = json.loads((directory / "quantize_config.json").read_text())
     if not config:
-        raise QBenchError(f"gptq checkpoint {directory}: no quantization_config in config.json and no quantize_config.json")
+        raise QBenchError(f"gptq checkpoint {directory}: no quantization_config in config.json "
+                          "and no quantize_config.json")
     method = str(config.get("quant_method", "gptq")).lower()
     fmt = str(config.get("checkpoint_format", config.get("format", "gptq"))).lower()
     if method != "gptq" or fmt not in CHECKPOINT_FORMATS:

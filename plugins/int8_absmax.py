@@ -28,7 +28,11 @@ from torch import nn
 from qbench import hookimpl
 from qbench.kernels import absmax
 from qbench.kernels._triton import use_triton_in_module
-from qbench.kernels.dequant_matmul import int8_dequant_weight_reference, int8_weight_matmul, int8_weight_matmul_reference
+from qbench.kernels.dequant_matmul import (
+    int8_dequant_weight_reference,
+    int8_weight_matmul,
+    int8_weight_matmul_reference,
+)
 from qbench.kernels.int8_matmul import int8_matmul, int8_matmul_reference
 from qbench.method import Method, QuantizedLinear, quantizable_linears, replace_linears
 from qbench.params import Param, QBenchError

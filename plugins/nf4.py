@@ -32,7 +32,8 @@ class NF4Method(Method):
         "blocksize": Param(int, 64, "weights per absmax block", check=_check_blocksize),
         "double_quant": Param(bool, True, "quantize the absmax values to 8 bits (blocks of 256)"),
         "quant_type": Param(str, "nf4", "4-bit code book", choices=QUANT_TYPES),
-        "compute_dtype": Param(str, "auto", "dtype of the matmul (auto = the input's)", choices=("auto", *FLOAT_DTYPES)),
+        "compute_dtype": Param(str, "auto", "dtype of the matmul (auto = the input's)",
+                               choices=("auto", *FLOAT_DTYPES)),
     }
 
     def quantize(self, model: nn.Module, calibration=None) -> nn.Module:

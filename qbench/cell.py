@@ -64,7 +64,8 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
         return {"status": "skipped", "message": reason}
 
     start = time.perf_counter()
-    loaded = load_model(cell["model"], dtype=dtype, device=device, trust_remote_code=cell.get("trust_remote_code", False))
+    trust = cell.get("trust_remote_code", False)
+    loaded = load_model(cell["model"], dtype=dtype, device=device, trust_remote_code=trust)
     timings["load_s"] = round(time.perf_counter() - start, 3)
     data_dir = cell.get("data_dir")
 
@@ -76,7 +77,8 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     def train_stage(model):
         """Fine-tune the quantized model in place (methods with a train stage); metrics for the record."""
         out = cell.get("out")
-        where = {"output_dir": str(Path(out) / "adapters" / f"{cell['model']}-{method.label}".replace("/", "_"))} if out else {}
+        adapters = f"{cell['model']}-{method.label}".replace("/", "_")
+        where = {"output_dir": str(Path(out) / "adapters" / adapters)} if out else {}
         return _jsonable_metrics(method.train(model, loaded.tokenizer, text_windows(),
                                               model_name=loaded.info.get("source", cell["model"]), **where))
 
@@ -86,7 +88,7 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
                                train=train_stage if method.can_train else None, use_cache=cell.get("use_cache", True))
 
     def build():
-        fresh = load_model(cell["model"], dtype=dtype, device=device, trust_remote_code=cell.get("trust_remote_code", False))
+        fresh = load_model(cell["model"], dtype=dtype, device=device, trust_remote_code=trust)
         return quantized(fresh.model, fresh.info)[0]
 
     model, qinfo = quantized(loaded.model, loaded.info)
@@ -137,7 +139,8 @@ def main(argv: list[str]) -> int:
     except Exception as exc:  # recorded, the other cells go on
         is_oom = "out of memory" in str(exc).lower()
         result = {"status": "error",
-                  "message": ("out of memory: " if is_oom else "") + f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                  "message": ("out of memory: " if is_oom else "")
+                  + f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
                   "traceback": traceback.format_exc()[-4000:]}
     result["torch_threads"] = torch.get_num_threads()
     tmp = result_path.with_suffix(".tmp")

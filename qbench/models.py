@@ -212,7 +212,8 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torc
             )
             tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
         except Exception as exc:
-            raise QBenchError(f"could not load model {spec}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+            first_line = str(exc).splitlines()[0]
+            raise QBenchError(f"could not load model {spec}: {type(exc).__name__}: {first_line}") from None
     model = model.to(device=device, dtype=dtype).eval()
     info["params"] = sum(p.numel() for p in model.parameters())
     info["max_length"] = int(getattr(model.config, "max_position_embeddings", 2048))
@@ -228,12 +229,14 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False):
     from transformers import AutoConfig, AutoTokenizer
 
     if info["kind"] == "random":
-        return ByteTokenizer(), int(getattr(AutoConfig.from_pretrained(info["source"]), "max_position_embeddings", 2048))
+        config = AutoConfig.from_pretrained(info["source"])
+        return ByteTokenizer(), int(getattr(config, "max_position_embeddings", 2048))
 
     where = str(_float_cache_of_demo()) if info["kind"] == "demo" else info["source"].removeprefix("hub:")
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
         config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
     except Exception as exc:
-        raise QBenchError(f"could not load the tokenizer of {spec}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+        first_line = str(exc).splitlines()[0]
+        raise QBenchError(f"could not load the tokenizer of {spec}: {type(exc).__name__}: {first_line}") from None
     return tokenizer, int(getattr(config, "max_position_embeddings", 2048))

@@ -120,7 +120,8 @@ def plan(config: RunConfig) -> list[dict[str, Any]]:
                     "calibration": config.calibration if method.needs_calibration else None,
                 }
                 cell["id"] = cell_id(cell)
-                cell.update({"out": str(config.out), "data_dir": config.data_dir, "trust_remote_code": config.trust_remote_code,
+                cell.update({"out": str(config.out), "data_dir": config.data_dir,
+                             "trust_remote_code": config.trust_remote_code,
                              "use_cache": config.use_cache, "threads": config.threads})
                 cells.append(cell)
     seen = set()
@@ -167,7 +168,8 @@ class Progress:
         self.finished_here = 0
         self.rich = None
         if sys.stdout.isatty():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+            from rich.progress import Progress as RichProgress
 
             self.rich = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                      TextColumn("ETA"), TimeRemainingColumn())

@@ -2,7 +2,8 @@
 
 On the same non-overlapping windows the perplexity suite uses (rows joined, tokenized once, cut
 into ``seqlen``-token windows, tail dropped), an unquantized FP32 copy of the same model (loaded
-again in this process; ``reference=float16`` halves its memory on a GPU) and the quantized model each predict every next token. Per token:
+again in this process; ``reference=float16`` halves its memory on a GPU) and the quantized model
+each predict every next token. Per token:
 
 * KL(P_ref ‖ P_quant) over the full vocabulary — the measure llama.cpp reports beside perplexity,
   more sensitive than perplexity to small differences;

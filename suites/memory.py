@@ -101,9 +101,10 @@ class MemorySuite(Suite):
             metrics["overhead_vs_seed_claim"] = Metric(round(off, 2), "%")
             if weights:
                 holds = abs(off) <= CLAIM_TOLERANCE_PCT
+                verdict = f"{'holds' if holds else 'does not hold'} (within {CLAIM_TOLERANCE_PCT}%)"
                 ctx.claims.append({"claim": f"{claim:g} bytes per parameter",
                                    "measured": f"{bits / 8:.4g} bytes/weight in the quantized layers ({off:+.1f}%)",
-                                   "verdict": f"{'holds' if holds else 'does not hold'} (within {CLAIM_TOLERANCE_PCT}%)"})
+                                   "verdict": verdict})
 
         seqlen = min(self.values["seqlen"], ctx.model_info.get("max_length", self.values["seqlen"]))
         gen = torch.Generator().manual_seed(ctx.seed)

@@ -1,7 +1,6 @@
 """The plugin host: documented hooks, built-ins and third-party plugins loaded the same way."""
 import importlib
 import inspect
-import sys
 
 import pytest
 

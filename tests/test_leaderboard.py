@@ -21,7 +21,8 @@ def test_spec_lookup_exact_first_then_wildcards_fill_the_title():
 
 
 def test_spec_round_trips_through_json_and_rejects_unknown_aggregations():
-    spec = MetricSpec("acc", higher_is_better=True, aggregate="mean", vs_baseline="percent", baseline_title="recovery %")
+    spec = MetricSpec("acc", higher_is_better=True, aggregate="mean", vs_baseline="percent",
+                      baseline_title="recovery %")
     assert MetricSpec.from_json({"value": 0.5, "unit": "", **spec.to_json()}) == spec
     assert MetricSpec("x").to_json() == {"title": "x"}  # defaults are not written
     with pytest.raises(ValueError):
@@ -71,7 +72,8 @@ def test_aggregation_and_display_unit_come_from_the_spec(tmp_path):
 
 
 def test_records_without_specs_are_described_by_the_installed_suite(tmp_path):
-    recs = [record(m, "latency", {"decode_tok_s_b1": v, "decode_tok_s_b4": 4 * v}) for m, v in (("fp16", 10), ("nf4", 15))]
+    recs = [record(m, "latency", {"decode_tok_s_b1": v, "decode_tok_s_b4": 4 * v})
+            for m, v in (("fp16", 10), ("nf4", 15))]
     run = write_run(tmp_path / "run", recs)
     board = leaderboard(load_frame(run))
     assert board["decode speed-up"].tolist() == [1.0, 1.5] and "decode b4 (tok/s)" not in board.columns

@@ -5,10 +5,10 @@ import os
 import pytest
 import torch
 
+from qbench.formats.peft import load_peft_adapter, save_peft_adapter
 from qbench.method import quantized_modules
 from qbench.models import tiny_llama
 from qbench.params import QBenchError
-from qbench.formats.peft import load_peft_adapter, save_peft_adapter
 from qbench.plugins.lora import LoRAMethod
 from qbench.quant.lora import lora_modules
 
@@ -185,7 +185,6 @@ def test_qlora_target_subset_quantizes_the_rest_without_adapters():
 
 def test_qlora_adapter_loads_in_peft_on_dequantized_base(tmp_path):
     peft = pytest.importorskip("peft")
-    from qbench.method import set_submodule
     model = tiny_llama()
     QLoRAMethod(r=4, alpha=8).quantize(model)
     _randomize_b(model)

@@ -3,10 +3,10 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from qbench.memory import SavedTensorMeter
 from qbench.models import tiny_llama
 from qbench.params import QBenchError
 from qbench.suite import CellContext
-from qbench.memory import SavedTensorMeter
 from qbench.suites.checkpointing import CheckpointingSuite, grads_of, set_trainable, training_step, verdict
 
 

@@ -69,7 +69,7 @@ def nf4_tensor_from_state(tensors: dict[str, torch.Tensor], prefix: str = "weigh
     quant_type, blocksize = meta["quant_type"], int(meta["blocksize"])
     check_settings(blocksize, quant_type)
     if meta.get("dtype") not in FLOAT_DTYPES:
-        raise QBenchError(f"{prefix}: unsupported weight dtype {meta.get('dtype')!r}; valid: float32, float16, bfloat16")
+        raise QBenchError(f"{prefix}: unsupported weight dtype {meta.get('dtype')!r}; valid: {', '.join(FLOAT_DTYPES)}")
     quant_map = tensors.get(f"{prefix}.quant_map")
     if quant_map is not None and not torch.equal(quant_map.float().cpu(), code_book(quant_type)):
         raise QBenchError(f"{prefix}: its quant_map is not bitsandbytes' {quant_type} code book; cannot decode it")

@@ -36,7 +36,8 @@ def peft_config(model: nn.Module, base_model_name: str = "") -> dict[str, Any]:
     first = modules[0][1]
     for name, m in modules:
         if (m.r, m.alpha, m.dropout_p) != (first.r, first.alpha, first.dropout_p):
-            raise QBenchError(f"LoRA module {name} has different r/alpha/dropout from the others; PEFT needs one setting")
+            raise QBenchError(f"LoRA module {name} has different r/alpha/dropout from the others; "
+                              "PEFT needs one setting")
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name or None,
         "r": first.r, "lora_alpha": first.alpha, "lora_dropout": first.dropout_p,

@@ -217,8 +217,8 @@ def select_targets(model: nn.Module, target_text: str, r: int) -> list[tuple[str
     for name, module in linears:
         limit = min(module.in_features, module.out_features)
         if r > limit:
-            raise QBenchError(f"LoRA rank r={r} is larger than layer {name} ({module.out_features}x{module.in_features}); "
-                              f"use r <= {limit}")
+            raise QBenchError(f"LoRA rank r={r} is larger than layer {name} "
+                              f"({module.out_features}x{module.in_features}); use r <= {limit}")
     return linears
 
 

@@ -37,29 +37,37 @@ def _positive(v) -> str | None:
     return None if v > 0 else "must be > 0"
 
 
+def _non_negative(v) -> str | None:
+    return None if v >= 0 else "must be >= 0"
+
+
 def _check_dropout(p: float) -> str | None:
     return None if 0 <= p < 1 else "dropout must lie in [0, 1)"
 
 
 LORA_PARAMS: dict[str, Param] = {
-    "r": Param(int, 16, "LoRA rank (QLoRA: 64 on large models; at most min(in, out) of every target layer)", check=_check_rank),
+    "r": Param(int, 16, "LoRA rank (QLoRA: 64 on large models; at most min(in, out) of every target layer)",
+               check=_check_rank),
     "alpha": Param(float, 16.0, "LoRA alpha; the update is scaled by alpha / r", check=_positive),
     "dropout": Param(float, 0.05, "dropout on the LoRA input during training", check=_check_dropout),
-    "target_modules": Param(str, "all", "'all' decoder linears (as the QLoRA paper) or module names joined by '+', e.g. q_proj+v_proj"),
+    "target_modules": Param(str, "all", "'all' decoder linears (as the QLoRA paper) or module names joined by '+', "
+                                        "e.g. q_proj+v_proj"),
     "steps": Param(int, 20, "optimizer steps", check=_positive),
     "batch_size": Param(int, 4, "token windows per step", check=_positive),
     "seqlen": Param(int, 256, "tokens per window", check=_positive),
     "lr": Param(float, 2e-4, "learning rate (constant, as the QLoRA paper)", check=_positive),
-    "weight_decay": Param(float, 0.0, "AdamW decoupled weight decay", check=lambda v: None if v >= 0 else "must be >= 0"),
-    "max_grad_norm": Param(float, 0.3, "gradient clipping (QLoRA: 0.3); 0 disables", check=lambda v: None if v >= 0 else "must be >= 0"),
+    "weight_decay": Param(float, 0.0, "AdamW decoupled weight decay", check=_non_negative),
+    "max_grad_norm": Param(float, 0.3, "gradient clipping (QLoRA: 0.3); 0 disables", check=_non_negative),
     "seed": Param(int, 0, "seed of the adapter initialisation, the data windows and dropout"),
     "gradient_checkpointing": Param(bool, True, "recompute activations in backward (HF non-reentrant checkpointing)"),
-    "optimizer": Param(str, "paged", "paged (our paged AdamW), adamw (torch, state on the device) or bnb-paged (bitsandbytes, CUDA)",
+    "optimizer": Param(str, "paged", "paged (our paged AdamW), adamw (torch, state on the device) "
+                                     "or bnb-paged (bitsandbytes, CUDA)",
                        choices=("paged", "adamw", "bnb-paged")),
-    "train_dataset": Param(str, "c4", "text the runner samples training windows from (c4 sample or a dataset name/path)"),
+    "train_dataset": Param(str, "c4", "text the training windows are drawn from (c4 sample or a dataset name/path)"),
     "eval_windows": Param(int, 8, "held-out windows for the loss before/after training (0: skip)",
-                          check=lambda v: None if v >= 0 else "must be >= 0"),
-    "adapter_dir": Param(str, None, "save the trained adapter here in PEFT format (default: the runner's output_dir/adapter, else not saved)"),
+                          check=_non_negative),
+    "adapter_dir": Param(str, None, "save the trained adapter here in PEFT format "
+                                    "(default: the runner's output_dir/adapter, else not saved)"),
 }
 
 
@@ -113,7 +121,8 @@ def loss_windows(losses: list[float], points: int = 10) -> list[float]:
 def enable_checkpointing(model: nn.Module, on: bool) -> None:
     if not hasattr(model, "gradient_checkpointing_enable"):
         if on:
-            raise QBenchError(f"{type(model).__name__} does not support gradient checkpointing; use gradient_checkpointing=false")
+            raise QBenchError(f"{type(model).__name__} does not support gradient checkpointing; "
+                              "use gradient_checkpointing=false")
         return
     # transformers >= 5.x renamed gradient_checkpointing_* to activation_checkpointing_*.
     # Non-reentrant: works with frozen embeddings (no enable_input_require_grads needed).

@@ -115,7 +115,8 @@ class Bnb4bitLinear(QuantizedLinear):
             offset = tensors["offset"].reshape(())
             state2 = bnbf.QuantState(absmax=tensors["nested_absmax"], blocksize=config["nested_blocksize"],
                                      code=tensors["nested_quant_map"], dtype=dtype_of(config["nested_dtype"]))
-        state = bnbf.QuantState(absmax=tensors["absmax"], shape=torch.Size([config["out_features"], config["in_features"]]),
+        shape = torch.Size([config["out_features"], config["in_features"]])
+        state = bnbf.QuantState(absmax=tensors["absmax"], shape=shape,
                                 code=tensors["quant_map"], blocksize=config["blocksize"],
                                 quant_type=config["quant_type"], dtype=dtype_of(config["dtype"]),
                                 offset=offset, state2=state2)
