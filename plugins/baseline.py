@@ -3,7 +3,9 @@
 Every decoder linear is held in the method's dtype. On a GPU the model computes in that dtype.
 On CPU, where half-precision matmul is slow (fp16) or emulated, the weights are still *stored*
 in half precision (that is what the memory suite counts) and converted to the compute dtype
-(fp32) per call — the record says which dtype was computed in.
+(fp32) per call — the record says which dtype was computed in. Training through such a layer
+(full fine-tuning, the checkpointing suite) converts again in backward instead of keeping the
+fp32 copy.
 """
 from __future__ import annotations
 
@@ -18,6 +20,31 @@ from qbench.dtypes import dtype_name, dtype_of
 from qbench.method import Method, QuantizedLinear, replace_linears
 
 
+class UpcastLinearFunction(torch.autograd.Function):
+    """``x @ W.T + b`` with W stored in a narrower dtype than x: the upcast copy of W is made again in
+    backward, never kept for it (autograd would otherwise save a full-precision copy of every weight
+    per training step — on CPU, where half-precision weights compute in fp32)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x if weight.requires_grad else None, weight)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad @ weight.to(grad.dtype)
+        rows = grad.reshape(-1, grad.shape[-1])
+        if ctx.needs_input_grad[1]:
+            grad_w = (rows.t() @ x.reshape(-1, x.shape[-1])).to(weight.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_b = rows.sum(0).to(ctx.bias_dtype)
+        return grad_x, grad_w, grad_b
+
+
 class FloatLinear(QuantizedLinear):
     """A linear layer whose weight is stored in ``weight.dtype`` and computed in the input's dtype."""
 
@@ -29,8 +56,9 @@ class FloatLinear(QuantizedLinear):
         self.kernel_path = "torch"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.weight.to(x.dtype), bias)
+        if self.weight.dtype == x.dtype:  # computing in the stored dtype (GPU)
+            return F.linear(x, self.weight, self.bias)
+        return UpcastLinearFunction.apply(x, self.weight, self.bias)
 
     def stored_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {"weight": self.weight.data}

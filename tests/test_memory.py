@@ -109,3 +109,26 @@ def test_qlora_saves_no_more_for_backward_than_16bit_lora(targets):
             training_step(model, batch, checkpointing=False, seed=0)
         saved[name] = meter.peak
     assert saved["qlora"] <= 1.01 * saved["lora"], saved
+
+
+def test_half_precision_baseline_on_cpu_keeps_no_fp32_weight_copy_for_backward():
+    """fp16 weights computing in fp32 (the fp16 baseline on CPU, fully fine-tuned by the checkpointing
+    suite): the upcast copy is made again in backward; the gradients are autograd's through the cast."""
+    from qbench.plugins.baseline import FloatLinear
+
+    g = torch.Generator().manual_seed(2)
+    linear = torch.nn.Linear(256, 512, bias=True)
+    module = FloatLinear(linear.weight.data.half(), linear.bias.data.half())
+    for p in module.parameters():
+        p.requires_grad_(True)
+    x = torch.randn(1, 4, 256, generator=g, requires_grad=True)
+    saved = _saved_bytes(module, x)
+    assert saved < linear.weight.numel() * 4 / 16, saved  # x and the output, not a 512 KiB fp32 weight
+    w = module.weight.detach().clone().requires_grad_()
+    b = module.bias.detach().clone().requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    torch.nn.functional.linear(x2, w.float(), b.float()).square().sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(module.weight.grad, w.grad)
+    torch.testing.assert_close(module.bias.grad, b.grad)
+    assert module.weight.grad.dtype == torch.float16
