@@ -152,7 +152,7 @@ class CheckpointingSuite(Suite):
     }
 
     def applies_to(self, method) -> str | None:
-        if getattr(method, "can_train", False) or method.name in FULL_FINETUNE_METHODS:
+        if method.can_train or method.name in FULL_FINETUNE_METHODS:
             return None
         return (f"checkpointing measures training steps; method {method.name} does not train "
                 f"(use qlora, lora or a float baseline: {', '.join(FULL_FINETUNE_METHODS)})")
