@@ -166,10 +166,6 @@ class GPTQ(Method):
         "seed": Param(int, 0, "seed of the calibration windows"),
     }
 
-    def __init__(self, **params: Any):
-        super().__init__(**params)
-        self.report: dict[str, Any] = {}
-
     def settings(self) -> dict[str, Any]:
         keys = ("bits", "group_size", "sym", "act_order", "static_groups", "true_sequential", "percdamp", "blocksize")
         return {k: self.values[k] for k in keys}

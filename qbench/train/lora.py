@@ -220,7 +220,6 @@ class LoRAFineTuning(Method):
     Subclasses set ``name``, ``description`` and implement ``quantize`` (attach adapters)."""
 
     params = dict(LORA_PARAMS)
-    cacheable = True
     can_train = True
 
     def data_source(self, default: str) -> str:
