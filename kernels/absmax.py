@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from qbench.kernels._round import round_half_even
-from qbench.kernels._triton import INTERPRET, UPCAST_BF16, cdiv, triton_can_run
+from qbench.kernels._triton import INTERPRET, cdiv, triton_can_run
 from qbench.params import QBenchError
 
 QMAX = 127
@@ -47,7 +47,7 @@ def check_finite(x: torch.Tensor, what: str = "tensor") -> None:
 def _absmax_quantize_kernel(
     x_ptr, codes_ptr, scale_ptr, fixed_inv_ptr,
     cols, group_size, stride_xr, stride_cr, stride_sr,
-    FIXED_SCALE: tl.constexpr, UPCAST: tl.constexpr, BLOCK: tl.constexpr,
+    FIXED_SCALE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # One program per (row, group): absmax of the group, then codes. The loops make long rows
     # (11008 columns) fit in registers on GPU.
@@ -96,7 +96,7 @@ def _absmax_dequantize_kernel(
 
 
 def _block_for(n: int) -> int:
-    return min(1024, triton.next_power_of_2(max(n, 16))) if not INTERPRET else min(256, triton.next_power_of_2(max(n, 16)))
+    return min(256 if INTERPRET else 1024, triton.next_power_of_2(max(n, 16)))
 
 
 def quantize_rows(x2d: torch.Tensor, group_size: int | None = None, fixed_absmax: torch.Tensor | None = None):
@@ -122,7 +122,7 @@ def quantize_rows(x2d: torch.Tensor, group_size: int | None = None, fixed_absmax
         return codes, scale
     _absmax_quantize_kernel[(rows, groups)](
         x2d, codes, scale, inv, cols, group_size, x2d.stride(0), codes.stride(0), scale.stride(0),
-        FIXED_SCALE=fixed_absmax is not None, UPCAST=UPCAST_BF16, BLOCK=_block_for(group_size),
+        FIXED_SCALE=fixed_absmax is not None, BLOCK=_block_for(group_size),
     )
     return codes, scale
 
@@ -206,7 +206,8 @@ def _scale_layout(codes: torch.Tensor, scale: torch.Tensor, block_size: int | No
             return cols, 1, 0
         size = block_size if block_size is not None else cdiv(cols, groups)
         if cdiv(cols, size) != groups:
-            raise QBenchError(f"absmax scale has {groups} blocks per row, which does not fit rows of {cols} with block_size={size}")
+            raise QBenchError(f"absmax scale has {groups} blocks per row, which does not fit rows of {cols} "
+                              f"with block_size={size}")
         return size, groups, 1
     return None
 
@@ -234,7 +235,8 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, block_size: int | None 
 def dequantize_reference(codes: torch.Tensor, scale: torch.Tensor, block_size: int | None = None,
                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
     scale = scale.float()
-    if scale.numel() > 1 and scale.dim() == codes.dim() and scale.shape[:-1] == codes.shape[:-1] and scale.shape[-1] > 1:
+    if (scale.numel() > 1 and scale.dim() == codes.dim() and scale.shape[:-1] == codes.shape[:-1]
+            and scale.shape[-1] > 1):
         cols = codes.shape[-1]
         size = block_size if block_size is not None else cdiv(cols, scale.shape[-1])
         scale = scale.repeat_interleave(size, dim=-1)[..., :cols]

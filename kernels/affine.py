@@ -33,7 +33,8 @@ def check_bits_group(bits: int, group_size: int) -> None:
     if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
         raise QBenchError(f"affine bits={bits!r} is not valid; valid values: 2, 3, 4, 5, 6, 7, 8")
     if not isinstance(group_size, int) or isinstance(group_size, bool) or (group_size <= 0 and group_size != -1):
-        raise QBenchError(f"affine group_size={group_size!r} is not valid; use -1 (one group per row) or a positive size")
+        raise QBenchError(f"affine group_size={group_size!r} is not valid; "
+                          "use -1 (one group per row) or a positive size")
 
 
 def effective_group_size(cols: int, group_size: int) -> int:
@@ -173,7 +174,8 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g
     size = group_size if group_size not in (None, -1) else cdiv(cols, max(groups, 1))
     size = min(size, max(cols, 1))
     if groups != (cdiv(cols, size) if cols else 0):
-        raise QBenchError(f"affine dequantize: {groups} groups per row do not fit {cols} columns with group_size={size}")
+        raise QBenchError(f"affine dequantize: {groups} groups per row do not fit {cols} columns "
+                          f"with group_size={size}")
     if not triton_can_run(codes) or codes.numel() == 0:
         return dequantize_reference(codes, scales, zeros, size, dtype)
     codes2d = codes.reshape(-1, cols).contiguous()

@@ -203,15 +203,17 @@ def _cases():
             x = torch.randn(rows, K, dtype=dt)
             add(f"int8_weight_matmul rows={rows} {dt_name}", lambda x=x: dequant_matmul.int8_weight_matmul(
                 x, torch.zeros(N, K, dtype=torch.int8), torch.ones(N, 1)))
-            add(f"int8_weight_matmul g128 bias rows={rows} {dt_name}", lambda x=x, dt=dt: dequant_matmul.int8_weight_matmul(
-                x, torch.zeros(N, K, dtype=torch.int8), torch.ones(N, 4), bias=torch.zeros(N, dtype=dt), group_size=128))
+            add(f"int8_weight_matmul g128 bias rows={rows} {dt_name}",
+                lambda x=x, dt=dt: dequant_matmul.int8_weight_matmul(
+                    x, torch.zeros(N, K, dtype=torch.int8), torch.ones(N, 4), bias=torch.zeros(N, dtype=dt),
+                    group_size=128))
             for bits in (2, 3, 4, 8):
                 row_bytes = affine.packed_row_bytes(K, bits)
                 zero_bytes = affine.packed_row_bytes(K // 128, bits)
                 add(f"affine_weight_matmul {bits}b rows={rows} {dt_name}",
                     lambda x=x, bits=bits, rb=row_bytes, zb=zero_bytes: dequant_matmul.affine_weight_matmul(
-                        x, torch.zeros(N, rb, dtype=torch.uint8), torch.ones(N, 4), torch.zeros(N, zb, dtype=torch.uint8),
-                        bits, 128, K))
+                        x, torch.zeros(N, rb, dtype=torch.uint8), torch.ones(N, 4),
+                        torch.zeros(N, zb, dtype=torch.uint8), bits, 128, K))
                 add(f"gptq_matmul {bits}b rows={rows} {dt_name}", lambda x=x, bits=bits, dt=dt: gptq_matmul.gptq_matmul(
                     x, *_gptq_tensors(pack_gptq, K, N, bits, dt), bits))
             q = nf4.quantize_nf4_reference(torch.randn(N, K))
@@ -296,9 +298,11 @@ def markdown(variants: list[Variant], arch: int, command: str | None = None) -> 
     by_kernel: dict[str, list[Variant]] = {}
     for v in variants:
         by_kernel.setdefault(v.kernel, []).append(v)
-    lines = ["".join(produced), "", f"Triton {triton.__version__}, target cuda:{arch}; limits: {MAX_REGISTERS} registers/thread, "
+    lines = ["".join(produced), "",
+             f"Triton {triton.__version__}, target cuda:{arch}; limits: {MAX_REGISTERS} registers/thread, "
              f"{MAX_SHARED_BYTES // 1024} KiB shared memory/block.", "",
-             "| kernel | variants | failed | max registers | spilled variants | max shared KiB | over the shared limit |",
+             "| kernel | variants | failed | max registers | spilled variants | max shared KiB "
+             "| over the shared limit |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for kernel, vs in sorted(by_kernel.items()):
         good = [v for v in vs if v.error is None]

@@ -47,11 +47,11 @@ if HAS_TRITON:
         return (codes - zeros - ZERO_OFFSET).to(tl.float32) * scales.to(tl.float32)
 
     @triton.jit
-    def _gptq_gemv_kernel(x_ptr, qw_ptr, qz_ptr, sc_ptr, gidx_ptr, bias_ptr, out_ptr, M_BUCKET,
+    def _gptq_gemv_kernel(x_ptr, qw_ptr, qz_ptr, sc_ptr, gidx_ptr, bias_ptr, out_ptr,
                           N, K, stride_xm, stride_xk, stride_qk, stride_qn, stride_zg, stride_zn,
                           stride_sg, stride_sn, stride_om, stride_on,
                           BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         # one row of x, BLOCK_N outputs: a weighted column sum, no tensor cores needed
         row = tl.program_id(0)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -169,19 +169,18 @@ def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
     out = torch.empty(rows, out_features, dtype=x.dtype, device=x.device)
     if rows == 0:
         return out.reshape(*x.shape[:-1], out_features)
-    upcast = UPCAST_BF16
     bias_arg = bias if bias is not None else scales  # any pointer; unused without HAS_BIAS
     m_bucket = min(triton.next_power_of_2(rows), 256)
     common = (qweight.stride(0), qweight.stride(1), qzeros.stride(0), qzeros.stride(1),
               scales.stride(0), scales.stride(1), out.stride(0), out.stride(1))
-    flags = {"BITS": bits, "ZERO_OFFSET": zero_offset, "HAS_BIAS": bias is not None, "UPCAST": upcast}
+    flags = {"BITS": bits, "ZERO_OFFSET": zero_offset, "HAS_BIAS": bias is not None}
     if rows == 1:
         kernel, blocks = (_gptq_gemv_kernel, INTERPRET_GEMV_BLOCKS) if INTERPRET else (_gemv_tuned, {})
 
         def grid(meta):
             return (rows, cdiv(out_features, meta["BLOCK_N"]))
 
-        kernel[grid](x2, qweight, qzeros, scales, g_idx, bias_arg, out, m_bucket,
+        kernel[grid](x2, qweight, qzeros, scales, g_idx, bias_arg, out,
                      out_features, in_features, x2.stride(0), x2.stride(1), *common, **flags, **blocks)
     else:
         kernel, blocks = (_gptq_gemm_kernel, INTERPRET_GEMM_BLOCKS) if INTERPRET else (_gemm_tuned, {})
@@ -191,5 +190,5 @@ def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
 
         kernel[grid](x2, qweight, qzeros, scales, g_idx, bias_arg, out, m_bucket,
                      rows, out_features, in_features, x2.stride(0), x2.stride(1), *common, **flags,
-                     IEEE_FP32=x.dtype == torch.float32, **blocks)
+                     UPCAST=UPCAST_BF16, IEEE_FP32=x.dtype == torch.float32, **blocks)
     return out.reshape(*x.shape[:-1], out_features)

@@ -78,7 +78,8 @@ def unpack_rows(words: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
     """Inverse of :func:`pack_rows`: int32 ``[R*bits/32, C]`` to int32 codes ``[rows, C]``."""
     check_bits(bits)
     if words.dtype != torch.int32 or words.dim() != 2:
-        raise QBenchError(f"gptq layout: packed words must be a 2-D int32 tensor, got {words.dtype} {tuple(words.shape)}")
+        raise QBenchError(f"gptq layout: packed words must be a 2-D int32 tensor, "
+                          f"got {words.dtype} {tuple(words.shape)}")
     if words.shape[0] != packed_rows(rows, bits):
         raise QBenchError(
             f"gptq layout: {words.shape[0]} packed rows cannot hold {rows} codes of {bits} bits "

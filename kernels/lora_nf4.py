@@ -136,7 +136,8 @@ if HAS_TRITON:
                 w_odd = w_odd.to(dy.dtype)
             acc_even = _dot(dy, w_even, acc_even, IEEE)
             acc_odd = _dot(dy, w_odd, acc_odd, IEEE)
-            b = tl.load(b_ptr + offs_n[:, None] * R + offs_r[None, :], mask=mask_n[:, None] & mask_r[None, :], other=0.0)
+            b = tl.load(b_ptr + offs_n[:, None] * R + offs_r[None, :], mask=mask_n[:, None] & mask_r[None, :],
+                        other=0.0)
             dxa = _dot(dy.to(b.dtype), b, dxa, IEEE)
         dxa = dxa * scaling
         if ADD_LORA_DX:
@@ -247,7 +248,8 @@ def _lt_r(left: torch.Tensor, right: torch.Tensor, scaling: float, out_dtype: to
     q_cols = right.shape[1]
     out = torch.empty(p, q_cols, dtype=torch.float32 if out_dtype != torch.float64 else torch.float64,
                       device=left.device)
-    blocks = {"BLOCK_M": 32, "BLOCK_P": 32, "BLOCK_Q": 32} if INTERPRET else {"BLOCK_M": 64, "BLOCK_P": 64, "BLOCK_Q": 64}
+    size = 32 if INTERPRET else 64
+    blocks = {"BLOCK_M": size, "BLOCK_P": size, "BLOCK_Q": size}
     grid = (cdiv(p, blocks["BLOCK_P"]), cdiv(q_cols, blocks["BLOCK_Q"]))
     _lt_r_kernel[grid](left, right, out, float(scaling), m, p, q_cols,
                        IEEE=out_dtype == torch.float64 or left.dtype == torch.float32, ACC=_acc(out_dtype), **blocks)

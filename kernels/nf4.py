@@ -267,7 +267,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _quantize_4bit_kernel(w_ptr, packed_ptr, absmax_ptr, bounds_ptr, order_ptr, n,
-                              BLOCKSIZE: tl.constexpr, UPCAST_BF16: tl.constexpr):
+                              BLOCKSIZE: tl.constexpr):
         # One program per quantization block; pairs (2i, 2i+1) never straddle a block.
         block = tl.program_id(0)
         start = block.to(tl.int64) * BLOCKSIZE
@@ -311,7 +311,8 @@ if HAS_TRITON:
         absmax = tl.max(tl.abs(x), axis=0)
         tl.store(absmax_ptr + block, absmax)
         nonzero = absmax > 0
-        inv = tl.math.div_rn(tl.full([256], 1.0, tl.float32), tl.where(nonzero, absmax, 1.0) + tl.zeros([256], tl.float32))
+        inv = tl.math.div_rn(tl.full([256], 1.0, tl.float32),
+                             tl.where(nonzero, absmax, 1.0) + tl.zeros([256], tl.float32))
         normed = tl.minimum(tl.maximum(x * inv, -1.0), 1.0)
         cell = (((normed + 1.0) * 0.5) * 65535.0 + 0.5).to(tl.int32)
         codes = tl.load(lut_ptr + cell, mask=mask, other=0)
@@ -371,7 +372,7 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     absmax = torch.empty(blocks, dtype=torch.float32, device=w.device)
     bounds, order = (t.to(w.device) for t in _TABLES[quant_type])
     _quantize_4bit_kernel[(blocks,)](flat, packed, absmax, bounds, order, n, BLOCKSIZE=blocksize,
-                                     UPCAST_BF16=INTERPRET, **_exact_fp32_options(flat))
+                                     **_exact_fp32_options(flat))
     return _with_absmax(packed, absmax, w, blocksize, double_quant, quant_type, _quantize_8bit_dynamic_triton)
 
 

@@ -140,7 +140,7 @@ if HAS_TRITON:
     def _nf4_gemv_kernel(x_ptr, out_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr,
                          code_ptr, R, J, stride_r, stride_j, stride_xm, stride_om,
                          BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-                         BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST_BF16: tl.constexpr):
+                         BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr):
         row = tl.program_id(0)
         offs_j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
         mask_j = offs_j < J
@@ -159,7 +159,7 @@ if HAS_TRITON:
     def _nf4_gemv_aligned_kernel(x_ptr, out_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr,
                                  offset_ptr, code_ptr, R, J, stride_xm, stride_om,
                                  BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BLOCK_J: tl.constexpr,
-                                 STEP: tl.constexpr, SUB: tl.constexpr, UPCAST_BF16: tl.constexpr):
+                                 STEP: tl.constexpr, SUB: tl.constexpr):
         """Forward GEMV when every weight row holds whole quantization blocks (``R % BLOCKSIZE == 0``).
 
         Each step reads ``STEP`` packed bytes per output row as bytes (two codes each, split into
@@ -323,7 +323,8 @@ def _launch(x2d: torch.Tensor, q: NF4Tensor, R: int, J: int, stride_r: int, stri
     dummy = q.absmax
     state = (q.packed, q.absmax, q.nested_absmax if q.double_quant else dummy, q.nested_code,
              q.offset if q.double_quant else dummy, q.code)
-    common = dict(BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, UPCAST_BF16=UPCAST_BF16)
+    common = dict(BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant)
+    dots = dict(UPCAST_BF16=UPCAST_BF16)  # only the kernels that multiply with tl.dot read it
     # whole quantization blocks in every weight row (every Llama-shaped layer), forward or backward
     aligned = stride_r == 1 and stride_j == R and R % q.blocksize == 0
     aligned_backward = stride_j == 1 and stride_r == J and J % q.blocksize == 0
@@ -331,7 +332,7 @@ def _launch(x2d: torch.Tensor, q: NF4Tensor, R: int, J: int, stride_r: int, stri
         fixed = dict(BLOCK_M=16, BLOCK_N=16, STEP=16) if INTERPRET else {}
         grid = lambda meta: (cdiv(M, meta["BLOCK_M"]), cdiv(J // 2, meta["STEP"]))  # noqa: E731
         _nf4_grad_input_aligned_kernel[grid](x_in, out, *state, M, R, J, x_in.stride(0), out.stride(0), **common,
-                                             **fixed)
+                                             **dots, **fixed)
     elif M <= GEMV_MAX_ROWS and aligned:
         # forward with whole blocks per row: bytes and absmax loaded once (the decode fast path)
         fixed = dict(BLOCK_J=8, STEP=16) if INTERPRET else {}
@@ -345,12 +346,13 @@ def _launch(x2d: torch.Tensor, q: NF4Tensor, R: int, J: int, stride_r: int, stri
     elif aligned:
         fixed = dict(BLOCK_M=16, BLOCK_J=16, STEP=16) if INTERPRET else {}
         grid = lambda meta: (cdiv(M, meta["BLOCK_M"]), cdiv(J, meta["BLOCK_J"]))  # noqa: E731
-        _nf4_gemm_aligned_kernel[grid](x_in, out, *state, M, R, J, x_in.stride(0), out.stride(0), **common, **fixed)
+        _nf4_gemm_aligned_kernel[grid](x_in, out, *state, M, R, J, x_in.stride(0), out.stride(0), **common, **dots,
+                                       **fixed)
     else:
         fixed = dict(BLOCK_M=16, BLOCK_J=16, BLOCK_R=32) if INTERPRET else {}
         grid = lambda meta: (cdiv(M, meta["BLOCK_M"]), cdiv(J, meta["BLOCK_J"]))  # noqa: E731
         _nf4_gemm_kernel[grid](x_in, out, *state, M, R, J, stride_r, stride_j, x_in.stride(0), out.stride(0),
-                               **common, **fixed)
+                               **common, **dots, **fixed)
     return out.to(x2d.dtype)
 
 
@@ -358,7 +360,8 @@ def _check(x: torch.Tensor, q: NF4Tensor, dim: int, what: str) -> None:
     if len(q.shape) != 2:
         raise ValueError(f"nf4 matmul needs a 2-D quantized weight, got shape {q.shape}")
     if x.shape[-1] != q.shape[dim]:
-        raise ValueError(f"nf4 {what}: input has {x.shape[-1]} features, the weight {tuple(q.shape)} needs {q.shape[dim]}")
+        raise ValueError(f"nf4 {what}: input has {x.shape[-1]} features, "
+                         f"the weight {tuple(q.shape)} needs {q.shape[dim]}")
 
 
 def nf4_matmul(x: torch.Tensor, q: NF4Tensor, use_triton: bool | None = None) -> torch.Tensor:

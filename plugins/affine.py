@@ -30,8 +30,11 @@ from torch import nn
 from qbench import hookimpl
 from qbench.kernels import affine
 from qbench.kernels._triton import cdiv, use_triton_in_module
-from qbench.kernels.dequant_matmul import (affine_dequant_weight_reference, affine_weight_matmul,
-                                           affine_weight_matmul_reference)
+from qbench.kernels.dequant_matmul import (
+    affine_dequant_weight_reference,
+    affine_weight_matmul,
+    affine_weight_matmul_reference,
+)
 from qbench.method import Method, QuantizedLinear, replace_linears
 from qbench.params import Param, QBenchError
 

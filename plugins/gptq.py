@@ -17,14 +17,21 @@ from typing import Any
 import torch
 from torch import nn
 
+from qbench import hookimpl
 from qbench.kernels._triton import use_triton_in_module
 from qbench.kernels.gptq_matmul import gptq_matmul, gptq_matmul_reference
-from qbench.kernels.gptq_pack import (CHECKPOINT_FORMATS, SUPPORTED_BITS, dequantize_gptq, pack_gptq, pack_qzeros,
-                               packed_rows, unpack_qzeros)
-from qbench.plugins.gptq_algorithm import LayerQuantization, gptq_quantize_blocks
-from qbench import hookimpl
+from qbench.kernels.gptq_pack import (
+    CHECKPOINT_FORMATS,
+    SUPPORTED_BITS,
+    dequantize_gptq,
+    pack_gptq,
+    pack_qzeros,
+    packed_rows,
+    unpack_qzeros,
+)
 from qbench.method import Method, QuantizedLinear, quantizable_linears, quantized_modules, set_submodule
 from qbench.params import Param, QBenchError
+from qbench.quant.gptq import LayerQuantization, gptq_quantize_blocks
 
 GROUP_SIZES = (-1, 32, 64, 128)
 # Calibration when nsamples/seqlen are not given: the reference's 128 x 2048 on a GPU; on CPU that
@@ -159,10 +166,6 @@ class GPTQ(Method):
         "seed": Param(int, 0, "seed of the calibration windows"),
     }
 
-    def __init__(self, **params: Any):
-        super().__init__(**params)
-        self.report: dict[str, Any] = {}
-
     def settings(self) -> dict[str, Any]:
         keys = ("bits", "group_size", "sym", "act_order", "static_groups", "true_sequential", "percdamp", "blocksize")
         return {k: self.values[k] for k in keys}
@@ -270,7 +273,8 @@ def read_quantization_config(directory: str | Path) -> dict[str, Any]:
     if not config and (directory / "quantize_config.json").exists():
         config = json.loads((directory / "quantize_config.json").read_text())
     if not config:
-        raise QBenchError(f"gptq checkpoint {directory}: no quantization_config in config.json and no quantize_config.json")
+        raise QBenchError(f"gptq checkpoint {directory}: no quantization_config in config.json "
+                          "and no quantize_config.json")
     method = str(config.get("quant_method", "gptq")).lower()
     fmt = str(config.get("checkpoint_format", config.get("format", "gptq"))).lower()
     if method != "gptq" or fmt not in CHECKPOINT_FORMATS:

@@ -28,7 +28,11 @@ from torch import nn
 from qbench import hookimpl
 from qbench.kernels import absmax
 from qbench.kernels._triton import use_triton_in_module
-from qbench.kernels.dequant_matmul import int8_dequant_weight_reference, int8_weight_matmul, int8_weight_matmul_reference
+from qbench.kernels.dequant_matmul import (
+    int8_dequant_weight_reference,
+    int8_weight_matmul,
+    int8_weight_matmul_reference,
+)
 from qbench.kernels.int8_matmul import int8_matmul, int8_matmul_reference
 from qbench.method import Method, QuantizedLinear, quantizable_linears, replace_linears
 from qbench.params import Param, QBenchError
@@ -183,10 +187,9 @@ class Int8Absmax(Method):
         "seqlen": Param(int, 512, "tokens per calibration window (activations=static)", check=_positive),
     }
 
-    def __init__(self, **params: Any):
-        super().__init__(**params)
-        # Only static activation scales need data; an instance attribute so the class default stays False.
-        self.needs_calibration = self.values["activations"] == "static"
+    @property
+    def needs_calibration(self) -> bool:
+        return self.values["activations"] == "static"  # only static activation scales need data
 
     def check(self, values: dict[str, Any]) -> str | None:
         if values["granularity"] == "block" and values["activations"] != "none":

@@ -17,8 +17,8 @@ from torch import nn
 from qbench import hookimpl
 from qbench.method import Method, QuantizedLinear, replace_linears
 from qbench.params import Param, QBenchError
+from qbench.quant.peer import check_finite, importable
 from qbench.records import distribution_version
-from qbench.plugins.peer_common import check_finite, importable
 
 
 class HQQPeerLinear(QuantizedLinear):

@@ -11,8 +11,8 @@ from torch import nn
 
 from qbench import hookimpl
 from qbench.method import Method, replace_linears
+from qbench.quant.peer import PeerTensorLinear, check_finite, importable
 from qbench.records import distribution_version
-from qbench.plugins.peer_common import PeerTensorLinear, check_finite, importable
 
 
 class _QuantoMethod(Method):

@@ -16,8 +16,8 @@ from torch import nn
 from qbench import hookimpl
 from qbench.method import Method, replace_linears
 from qbench.params import Param, QBenchError, QBenchSkip
+from qbench.quant.peer import PeerTensorLinear, check_finite, importable
 from qbench.records import distribution_version
-from qbench.plugins.peer_common import PeerTensorLinear, check_finite, importable
 
 GROUP_SIZES = (16, 32, 64, 128, 256)
 
@@ -37,8 +37,8 @@ class _TorchaoMethod(Method):
         group = self.values.get("group_size")
         if group and linear.in_features % group:
             divisors = [g for g in GROUP_SIZES if linear.in_features % g == 0]
-            raise QBenchError(f"method {self.name}: layer {name} has {linear.in_features} input columns, not a multiple "
-                              f"of group_size={group} (torchao needs whole groups); use group_size="
+            raise QBenchError(f"method {self.name}: layer {name} has {linear.in_features} input columns, "
+                              f"not a multiple of group_size={group} (torchao needs whole groups); use group_size="
                               f"{' or '.join(map(str, divisors)) or 'a divisor of the row width'}")
 
     def config_for(self, device: torch.device, dtype: torch.dtype):
@@ -75,7 +75,8 @@ class TorchaoInt8(_TorchaoMethod):
 
 class TorchaoInt4(_TorchaoMethod):
     name = "torchao-int4"
-    description = "torchao int4 weight-only, groups of group_size (tinygemm on CUDA, int8-held codes on CPU) — peer library"
+    description = ("torchao int4 weight-only, groups of group_size (tinygemm on CUDA, int8-held codes on CPU) "
+                   "— peer library")
     cacheable = False
     # torchao's own default group is 128; 64 is the largest that divides the demo model's 576-wide rows
     params = {"group_size": Param(int, 64, "input columns sharing a scale (must divide every layer's input width)",
@@ -93,7 +94,8 @@ class TorchaoInt4(_TorchaoMethod):
                                  "run with --dtype bfloat16")
             from torchao.quantization import Int4WeightOnlyConfig
 
-            return Int4WeightOnlyConfig(group_size=group, int4_packing_format="tile_packed_to_4d"), "torchao-int4-tinygemm"
+            config = Int4WeightOnlyConfig(group_size=group, int4_packing_format="tile_packed_to_4d")
+            return config, "torchao-int4-tinygemm"
         from torchao.quantization import IntxWeightOnlyConfig
         from torchao.quantization.granularity import PerGroup
 

@@ -27,7 +27,10 @@ from qbench.method import QuantizedLinear, class_path, quantized_modules, set_su
 from qbench.models import cache_dir
 from qbench.records import canonical
 
-FORMAT = 2  # 2: checksums in the manifest (format-1 entries are never read: the key differs)
+# 2: checksums in the manifest; 3: the LoRA and NF4 layers moved to qbench.quant, and qlora's train stage
+# no longer keeps a dequantized copy of each frozen weight (older entries carry that training's peak memory).
+# Entries of an older format are never read: the key differs.
+FORMAT = 3
 WEIGHTS, MANIFEST = "quantized.safetensors", "manifest.json"
 
 
@@ -174,10 +177,11 @@ def load_quantized(path: Path, model: nn.Module, device: torch.device, method=No
 
 
 def quantize_cached(method, model: nn.Module, model_info: dict, dtype: torch.dtype, device: torch.device,
-                    calibration_factory: Callable[[], Any] | None, after_quantize: Callable | None = None,
+                    calibration_factory: Callable[[], Any] | None, train: Callable | None = None,
                     use_cache: bool = True) -> tuple[nn.Module, dict[str, Any]]:
-    """Quantize ``model`` with ``method`` or load the cached result. Returns (model, info) where info
-    holds quantize time, whether the cache was hit, and the method's own report."""
+    """Quantize ``model`` with ``method``, then run ``train(model)`` (the train stage of methods that
+    fine-tune; its metrics go under ``info["train"]``), or load the cached result of both. Returns
+    (model, info) where info holds quantize time, whether the cache was hit, and the method's own report."""
     desc = method.describe()
     key = cache_key(desc, model_info, dtype)
     path = entry_dir(key, model_info["name"], desc["label"])
@@ -203,8 +207,8 @@ def quantize_cached(method, model: nn.Module, model_info: dict, dtype: torch.dty
                             "calibration": calibration.describe() if calibration is not None else None}
     if discarded:
         info["cache_discarded"] = discarded
-    if after_quantize is not None:
-        info["train"] = after_quantize(model)
+    if train is not None:
+        info["train"] = train(model)
     if use_cache and method.cacheable:
         try:
             save_quantized(path, model, {"method": desc, "model": model_info["name"], "dtype": str(dtype),

@@ -1,6 +1,7 @@
 """One matrix cell, run in its own process: ``python -m qbench.cell CELL.json RESULT.json``.
 
-load model → method.quantize (or the cache) → [method.train] → suite.measure → result JSON.
+load model → method.quantize (→ the train stage, for methods that train; or both from the cache)
+→ suite.measure → result JSON.
 The driver turns the result (or the process's death) into a record.
 """
 from __future__ import annotations
@@ -32,12 +33,11 @@ def _jsonable_metrics(metrics: dict, suite=None) -> dict:
 
 
 def resolve_dtype(name: str, device: str):
-    import torch
+    from qbench.dtypes import dtype_of
 
     if name == "auto":
-        return torch.float16 if device.startswith("cuda") else torch.float32
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-            "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+        return dtype_of("float16" if device.startswith("cuda") else "float32")
+    return dtype_of(name)
 
 
 def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
@@ -46,6 +46,7 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     from qbench import host
     from qbench.cache import quantize_cached
     from qbench.data import Calibration, load_text
+    from qbench.dtypes import dtype_name
     from qbench.models import load_model
     from qbench.suite import CellContext
 
@@ -63,32 +64,34 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
         return {"status": "skipped", "message": reason}
 
     start = time.perf_counter()
-    loaded = load_model(cell["model"], dtype=dtype, device=device, trust_remote_code=cell.get("trust_remote_code", False))
+    trust = cell.get("trust_remote_code", False)
+    loaded = load_model(cell["model"], dtype=dtype, device=device, trust_remote_code=trust)
     timings["load_s"] = round(time.perf_counter() - start, 3)
     data_dir = cell.get("data_dir")
 
-    def calibration_factory():
-        name = cell.get("calibration", "c4")
-        if "train_dataset" in method.values:
-            name = method.values["train_dataset"] or name
-        return Calibration(loaded.tokenizer, load_text(name, data_dir=data_dir))
+    def text_windows():
+        """Calibration or training windows, drawn from the text the method asks for."""
+        source = method.data_source(cell.get("calibration") or "c4")
+        return Calibration(loaded.tokenizer, load_text(source, data_dir=data_dir))
 
-    after = None
-    if getattr(method, "can_train", False):
-        def after(model):
-            out = cell.get("out")
-            where = {"output_dir": str(Path(out) / "adapters" / f"{cell['model']}-{method.label}".replace("/", "_"))} if out else {}
-            return _jsonable_metrics(method.train(model, loaded.tokenizer, calibration_factory(),
-                                                  model_name=loaded.info.get("source", cell["model"]), **where))
+    def train_stage(model):
+        """Fine-tune the quantized model in place (methods with a train stage); metrics for the record."""
+        out = cell.get("out")
+        adapters = f"{cell['model']}-{method.label}".replace("/", "_")
+        where = {"output_dir": str(Path(out) / "adapters" / adapters)} if out else {}
+        return _jsonable_metrics(method.train(model, loaded.tokenizer, text_windows(),
+                                              model_name=loaded.info.get("source", cell["model"]), **where))
+
+    def quantized(base_model, base_info):
+        """method.quantize (→ train stage), or the cached result of both."""
+        return quantize_cached(method, base_model, base_info, dtype, device, text_windows,
+                               train=train_stage if method.can_train else None, use_cache=cell.get("use_cache", True))
 
     def build():
-        fresh = load_model(cell["model"], dtype=dtype, device=device, trust_remote_code=cell.get("trust_remote_code", False))
-        model, _ = quantize_cached(method, fresh.model, fresh.info, dtype, device, calibration_factory, after,
-                                   use_cache=cell.get("use_cache", True))
-        return model
+        fresh = load_model(cell["model"], dtype=dtype, device=device, trust_remote_code=trust)
+        return quantized(fresh.model, fresh.info)[0]
 
-    model, qinfo = quantize_cached(method, loaded.model, loaded.info, dtype, device, calibration_factory, after,
-                                   use_cache=cell.get("use_cache", True))
+    model, qinfo = quantized(loaded.model, loaded.info)
     model.eval()
     dataset = load_text(cell["dataset"], data_dir=data_dir) if suite.needs_dataset else None
     ctx = CellContext(model=model, tokenizer=loaded.tokenizer, model_info=loaded.info, method=method,
@@ -105,7 +108,7 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
         "metrics": _jsonable_metrics(metrics, suite),
         "protocol": ctx.protocol,
         "claims": ctx.claims,
-        "baseline_claims": list(getattr(method, "claims", [])),
+        "baseline_claims": list(method.claims),
         "extra": ctx.extra,
         "notes": ctx.notes + ([loaded.info["note"]] if loaded.info.get("note") else [])
         + [qinfo[k] for k in ("cache_discarded",) if qinfo.get(k)],
@@ -114,7 +117,7 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
         "method_report": method.report,
         "kernel_paths": paths,
         "dataset": None if dataset is None else {**dataset.describe(), "sha256": dataset.sha256()},
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": dtype_name(dtype),
         "timings": timings,
     }
 
@@ -137,7 +140,8 @@ def main(argv: list[str]) -> int:
     except Exception as exc:  # recorded, the other cells go on
         is_oom = "out of memory" in str(exc).lower()
         result = {"status": "error",
-                  "message": ("out of memory: " if is_oom else "") + f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                  "message": ("out of memory: " if is_oom else "")
+                  + f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
                   "traceback": traceback.format_exc()[-4000:]}
     result["torch_threads"] = torch.get_num_threads()
     tmp = result_path.with_suffix(".tmp")

@@ -151,17 +151,20 @@ def _limit(value: str | None, device: str) -> tuple[int | None, bool]:
 
 @main.command()
 @click.option("--methods", "methods_", multiple=True, help="e.g. fp16,nf4:blocksize=128,double_quant=false,gptq:bits=3")
-@click.option("--models", multiple=True, help="smollm2-135m (default), tiny-llama, random:DIR (random weights in DIR/config.json's "
-              "architecture: speed and memory only), a model directory or hub id")
+@click.option("--models", multiple=True,
+              help="smollm2-135m (default), tiny-llama, random:DIR (random weights in DIR/config.json's "
+                   "architecture: speed and memory only), a model directory or hub id")
 @click.option("--suites", "suites_", multiple=True, help="e.g. memory,latency,perplexity:seqlen=512")
 @click.option("--dataset", default="wikitext2", show_default=True, help="wikitext2, c4, or a .txt/.jsonl file")
 @click.option("--data-dir", default=None, help="folder laid out like shared/data (else $QBENCH_DATA_DIR, else the hub)")
-@click.option("--calibration", default="c4", show_default=True, help="dataset for calibrating methods (GPTQ, static INT8)")
+@click.option("--calibration", default="c4", show_default=True,
+              help="dataset for calibrating methods (GPTQ, static INT8)")
 @click.option("--out", default=None, help="run directory (default: results/runs/run-<hash of the options>)")
 @click.option("--limit", default=None, help="perplexity/fidelity windows, accuracy items per task "
               "(default on CPU: 4; 'all' for the full split)")
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--dtype", default="auto", show_default=True, help="compute dtype: auto (fp16 on GPU, fp32 on CPU), float32, float16, bfloat16")
+@click.option("--dtype", default="auto", show_default=True,
+              help="compute dtype: auto (fp16 on GPU, fp32 on CPU), float32, float16, bfloat16")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--executor", default="local", show_default=True)
 @click.option("--threads", default=None, type=int, help="torch threads per cell")
@@ -224,7 +227,8 @@ def report(run_dir, fmt, columns, output):
 @click.option("-o", "--output", default=None, help="write to this file instead of stdout")
 @user_errors
 def compare(run_a, run_b, fmt, changed_only, output):
-    """Show what changed from RUN_A to RUN_B: same cells (method × model × suite), metric deltas, cells in one run only."""
+    """Show what changed from RUN_A to RUN_B: same cells (method × model × suite), metric deltas, cells in one
+    run only."""
     from qbench.compare import render_comparison
     from qbench.durable import write_atomic
 

@@ -101,11 +101,13 @@ def render_comparison(run_a: Path, run_b: Path, fmt: str = "md", changed_only: b
     if result["status_changes"]:
         out.append("## Status changes\n\n" + _md_table(
             ["model", "method", "suite", "A", "B", "message"],
-            [[r["model"], r["method"], r["suite"], r["a"], r["b"], r["message"]] for r in result["status_changes"]]) + "\n")
+            [[r["model"], r["method"], r["suite"], r["a"], r["b"], r["message"]]
+             for r in result["status_changes"]]) + "\n")
     if result["protocol_changes"]:
         out.append("## Protocol changes (numbers not comparable)\n\n" + _md_table(
             ["model", "method", "suite", "A", "B"],
-            [[r["model"], r["method"], r["suite"], r["a"] or "—", r["b"] or "—"] for r in result["protocol_changes"]]) + "\n")
+            [[r["model"], r["method"], r["suite"], r["a"] or "—", r["b"] or "—"]
+             for r in result["protocol_changes"]]) + "\n")
     if result["metrics"]:
         out.append("## Metrics (Δ = B − A)\n\n" + _md_table(
             ["model", "method", "suite", "metric", "A", "B", "Δ", "Δ %"],

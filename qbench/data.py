@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from qbench.hub import hub_unreachable, offline
 from qbench.params import QBenchError
 
 # name -> (hub loader args, local file relative to the data dir, default split)
@@ -31,29 +32,6 @@ def data_dirs(explicit: str | None = None) -> list[Path]:
     return dirs
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
-
-
-PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
-
-
-def hub_unreachable(timeout_s: float = 3.0) -> str | None:
-    """Why the hub cannot be reached (no DNS, connection refused, timeout), or None if it answers.
-    One quick connection instead of the libraries' retries (half a minute of noise when offline).
-    Behind a proxy the direct connection says nothing, so it is not tried."""
-    import socket
-    from urllib.parse import urlparse
-
-    if any(os.environ.get(v) for v in PROXY_VARIABLES):
-        return None
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
-    try:
-        socket.create_connection((endpoint.hostname, port), timeout=timeout_s).close()
-        return None
-    except OSError as exc:
-        return f"{endpoint.hostname}: {exc.strerror or exc}"
 
 
 def datasets_cache_dir() -> str:
@@ -126,10 +104,10 @@ def load_text(name: str, split: str | None = None, data_dir: str | None = None) 
                 check_text_file(path)
                 ds = datasets.Dataset.from_dict({"text": _wikitext_rows_from_raw(path)})
                 return TextSource(name, split, str(path), _dataset_rows(ds))
-        unreachable = None if _offline() else hub_unreachable()
+        unreachable = None if offline() else hub_unreachable()
         if unreachable:
             looked.append(f"the hub, which cannot be reached ({unreachable})")
-        elif not _offline():
+        elif not offline():
             looked.append("hub Salesforce/wikitext wikitext-2-raw-v1")
             try:
                 ds = datasets.load_dataset("Salesforce/wikitext", "wikitext-2-raw-v1", split=split,
@@ -147,10 +125,10 @@ def load_text(name: str, split: str | None = None, data_dir: str | None = None) 
             if path.is_file():
                 ds = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=datasets_cache_dir())
                 return TextSource(name, split, str(path), _dataset_rows(ds), joiner=" ")
-        unreachable = None if _offline() else hub_unreachable()
+        unreachable = None if offline() else hub_unreachable()
         if unreachable:
             looked.append(f"the hub, which cannot be reached ({unreachable})")
-        elif not _offline():
+        elif not offline():
             looked.append(f"hub allenai/c4 {C4_HUB_FILE}")
             try:
                 ds = datasets.load_dataset("allenai/c4", data_files={"validation": C4_HUB_FILE}, split="validation",
@@ -285,12 +263,3 @@ class Calibration:
 
     def describe(self) -> dict:
         return self.used or {"dataset": self.source.describe()}
-
-
-def dataset_record(source: TextSource) -> dict:
-    return {**source.describe(), "sha256": source.sha256()}
-
-
-def read_json(path: Path) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)

@@ -1,4 +1,5 @@
-"""Executors run matrix cells. The runner only calls ``Executor.run(cells, on_result)``.
+"""Executors run matrix cells. The runner only calls ``Executor.check_available()`` and
+``Executor.run(cells, on_start, on_result)``.
 
 ``local`` (built in) runs the cells one after another, each in its own Python process, so a cell
 that raises, segfaults or is killed for memory becomes an error record and the rest go on. Cells

@@ -235,7 +235,8 @@ def plugin_status() -> list[dict[str, str]]:
         rows.append({"name": name, "source": _sources.get(name, "?"), "status": "ok", "error": ""})
     for name, error in _failures.items():
         rows = [r for r in rows if r["name"] != name]
-        rows.append({"name": name, "source": _sources.get(name, "builtin" if name in BUILTIN_PLUGINS else "entry point"),
+        source = _sources.get(name, "builtin" if name in BUILTIN_PLUGINS else "entry point")
+        rows.append({"name": name, "source": source,
                      "status": "failed", "error": error})
     return rows
 

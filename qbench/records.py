@@ -21,7 +21,8 @@ def canonical(obj: Any) -> str:
 
 def cell_id(cell: dict[str, Any]) -> str:
     """Stable id of a cell: what is measured, on what, how — not where the output goes."""
-    keyed = {k: cell[k] for k in ("method", "model", "suite", "dataset", "limit", "device", "dtype", "seed", "calibration")
+    keys = ("method", "model", "suite", "dataset", "limit", "device", "dtype", "seed", "calibration")
+    keyed = {k: cell[k] for k in keys
              if k in cell}
     return hashlib.sha256(canonical(keyed).encode()).hexdigest()[:16]
 

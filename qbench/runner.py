@@ -83,13 +83,14 @@ def check_device(device: str) -> None:
 def plan(config: RunConfig) -> list[dict[str, Any]]:
     """Validate everything and expand the matrix. Raises QBenchError before any cell runs."""
     from qbench.data import check_dataset_name, encode, load_text
+    from qbench.dtypes import DTYPE_NAMES
     from qbench.models import load_tokenizer, resolve_model
 
     if not config.methods:
         raise QBenchError("no methods given; e.g. --methods fp16,nf4")
     if not config.suites:
         raise QBenchError("no suites given; e.g. --suites memory,perplexity")
-    if config.dtype not in ("auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16"):
+    if config.dtype not in ("auto", *DTYPE_NAMES):
         raise QBenchError(f"--dtype {config.dtype!r} is not valid; valid: auto, float32, float16, bfloat16")
     check_device(config.device)
     methods = [host.make_method(s.name, s.params) for s in config.methods]
@@ -114,8 +115,9 @@ def plan(config: RunConfig) -> list[dict[str, Any]]:
         problem = suite.check_run(models, config.data_dir)
         if problem:
             raise QBenchError(problem)
-    if any(getattr(m, "needs_calibration", False) for m in methods):
-        load_text(config.calibration, data_dir=config.data_dir)
+    # calibration and training text: a missing one fails the run here, saying where it looked
+    for source in sorted({m.data_source(config.calibration) for m in methods if m.needs_calibration or m.can_train}):
+        load_text(source, data_dir=config.data_dir)
     executors = host.executors()
     host.check_refused("executors", config.executor)
     if config.executor not in executors:
@@ -136,10 +138,11 @@ def plan(config: RunConfig) -> list[dict[str, Any]]:
                     "device": config.device,
                     "dtype": config.dtype,
                     "seed": config.seed,
-                    "calibration": config.calibration if getattr(method, "needs_calibration", False) else None,
+                    "calibration": config.calibration if method.needs_calibration else None,
                 }
                 cell["id"] = cell_id(cell)
-                cell.update({"out": str(config.out), "data_dir": config.data_dir, "trust_remote_code": config.trust_remote_code,
+                cell.update({"out": str(config.out), "data_dir": config.data_dir,
+                             "trust_remote_code": config.trust_remote_code,
                              "use_cache": config.use_cache, "threads": config.threads})
                 cells.append(cell)
     seen = set()
@@ -192,7 +195,8 @@ class Progress:
         self.finished_here = 0
         self.rich = None
         if sys.stdout.isatty():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+            from rich.progress import Progress as RichProgress
 
             self.rich = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                      TextColumn("ETA"), TimeRemainingColumn())

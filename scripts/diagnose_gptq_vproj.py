@@ -26,7 +26,7 @@ from qbench.cache import quantize_cached
 from qbench.data import Calibration, encode, load_text
 from qbench.method import quantizable_linears, quantized_modules
 from qbench.models import DEMO_MODEL, load_model
-from qbench.plugins.gptq_algorithm import rtn_dequantize
+from qbench.quant.gptq import rtn_dequantize
 from qbench.records import environment
 
 
@@ -47,13 +47,13 @@ def main() -> None:
     model, tokenizer = base.model, base.tokenizer
     ids = encode(tokenizer, load_text("wikitext2", "test").text())
     windows = ids[: args.windows * 2048].view(args.windows, 2048)
-    original = {n: l.weight.detach().clone() for n, l in quantizable_linears(model)}
+    original = {n: linear.weight.detach().clone() for n, linear in quantizable_linears(model)}
     rtn = {n: rtn_dequantize(w, 4, 128, True) for n, w in original.items()}
 
     method = host.make_method("gptq", {"bits": 4, "group_size": 128})
     fresh = load_model(DEMO_MODEL)
     quantized, info = quantize_cached(method, fresh.model, fresh.info, torch.float32, torch.device("cpu"),
-                                      lambda: Calibration(fresh.tokenizer, load_text("c4")))
+                                      lambda: Calibration(tokenizer, load_text("c4")))  # the same tokenizer
     gptq = {n: m.dequantized_weight() for n, m in quantized_modules(quantized)}
     del quantized, fresh
 
@@ -65,15 +65,17 @@ def main() -> None:
     rows = [("fp32 (no quantization)", with_weights(lambda n: original[n])),
             ("RTN everywhere", with_weights(lambda n: rtn[n])),
             ("GPTQ everywhere", with_weights(lambda n: gptq[n])),
-            ("GPTQ everywhere but v_proj (RTN there)", with_weights(lambda n: rtn[n] if n.endswith("v_proj") else gptq[n])),
-            ("GPTQ in v_proj only (RTN elsewhere)", with_weights(lambda n: gptq[n] if n.endswith("v_proj") else rtn[n]))]
+            ("GPTQ everywhere but v_proj (RTN there)",
+             with_weights(lambda n: rtn[n] if n.endswith("v_proj") else gptq[n])),
+            ("GPTQ in v_proj only (RTN elsewhere)",
+             with_weights(lambda n: gptq[n] if n.endswith("v_proj") else rtn[n]))]
 
     # output errors on the fp32 model's own inputs (first window): every layer, then v_proj per token
     for name, linear in quantizable_linears(model):
         linear.weight.data = original[name]
     inputs: dict[str, torch.Tensor] = {}
-    hooks = [l.register_forward_pre_hook(lambda m, a, _n=n: inputs.__setitem__(_n, a[0][0].detach()))
-             for n, l in quantizable_linears(model)]
+    hooks = [linear.register_forward_pre_hook(lambda m, a, _n=n: inputs.__setitem__(_n, a[0][0].detach()))
+             for n, linear in quantizable_linears(model)]
     with torch.no_grad():
         model(windows[:1])
     for hook in hooks:
@@ -105,7 +107,8 @@ def main() -> None:
               f"from cache: {info.get('from_cache')}",
               "- RTN: the same symmetric min-max grid, groups of 128 (4x128 + 64 per 576-wide row)",
               f"- versions: torch {env['torch']}, transformers {env['transformers']}; qbench commit "
-              f"{env['git'].get('commit', '?')[:10]}{' (dirty)' if env['git'].get('dirty') else ''}; device {env['device']}",
+              f"{env['git'].get('commit', '?')[:10]}{' (dirty)' if env['git'].get('dirty') else ''}; "
+              f"device {env['device']}",
               f"- took {time.time() - started:.0f} s"]
     text = "\n".join(lines) + "\n"
     if args.output:

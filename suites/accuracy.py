@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 from pathlib import Path
 
 from qbench import hookimpl
+from qbench.hub import offline
 from qbench.params import Param, QBenchError
 from qbench.suite import CellContext, Metric, MetricSpec, Suite
 
@@ -59,10 +59,6 @@ def _check_tasks(value: str) -> str | None:
     if len(set(names)) != len(names):
         return "a task is named twice"
     return None
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
 
 
 def _sha256(path: Path) -> str:
@@ -112,14 +108,14 @@ def resolve_source(task: str, source: str, data_dir: str | None) -> tuple[str, d
     files, looked = find_local(task, data_dir) if source in ("auto", "local") else (None, [])
     if files is not None:
         return "local", files
-    if source == "hub" and _offline():
+    if source == "hub" and offline():
         raise QBenchError(f"accuracy:source=hub: task {task} needs the hub, which is offline (HF_HUB_OFFLINE/"
                           f"HF_DATASETS_OFFLINE); use source=auto or local with the task files in <data dir>/tasks")
     where = ", ".join(looked) if looked else "no data dir set (--data-dir or QBENCH_DATA_DIR)"
     if source == "local":
         raise QBenchError(f"accuracy task {task}: local file not found (looked for {where}); pass --data-dir DIR "
                           f"or set QBENCH_DATA_DIR to a folder with tasks/ laid out like shared/data")
-    if _offline():
+    if offline():
         missing = "its data is not in shared/data; " if task == "hellaswag" else ""
         raise QBenchError(f"accuracy task {task}: {missing}no local file (looked for {where}) and the hub is "
                           f"offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE); pass --data-dir DIR or set "

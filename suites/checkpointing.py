@@ -7,19 +7,16 @@ Hugging Face's non-reentrant gradient checkpointing, on the same batch with the 
 
 Activation memory, two ways:
 
-* **saved-tensor bytes** (exact, device-independent): the peak over forward *and* backward of
-  the live bytes of tensors saved for backward, deduplicated by storage, parameters and buffers
-  excluded. An outer ``torch.autograd.graph.saved_tensors_hooks`` sees what the ordinary graph
-  saves (with checkpointing: the inputs of each checkpointed block). Inside a checkpointed block
-  ``torch.utils.checkpoint`` installs its own hooks, so the outer hook never sees the tensors the
-  backward *recomputes*; we count them by wrapping the pack hook of checkpoint's
-  ``_recomputation_hook`` (the context it pushes while recomputing): each recomputed tensor is
-  counted from its recomputation until it is freed after use. Weight *copies* made in the forward
-  (NF4 weights dequantized by the torch reference path, 16-bit weights upcast for CPU compute)
-  are not parameters: they count, because the step really holds them for the backward. If a future torch renames that
-  class the suite says so in the record's notes (and the recompute is then not counted).
-* **allocator peak**: CUDA max allocated above the step's start on a GPU; on CPU the peak of
-  torch.profiler's memory events (allocations minus frees, in time order) during the step.
+* **saved-tensor bytes** (exact, device-independent; :class:`qbench.memory.SavedTensorMeter`):
+  the peak over forward *and* backward of the live bytes of tensors saved for backward,
+  deduplicated by storage, parameters and buffers excluded, the tensors checkpointing recomputes
+  in backward included. Weight *copies* made in the forward (16-bit weights upcast for CPU
+  compute) count, because the step really holds them for the backward. If a future torch renames
+  checkpoint's recomputation hook the suite says so in the record's notes (and the recompute is
+  then not counted).
+* **allocator peak** (:class:`qbench.memory.PeakMemory`): CUDA max allocated above the step's
+  start on a GPU; on CPU the peak of torch.profiler's memory events (allocations minus frees, in
+  time order) during the step.
 
 Step time: ``repeats`` timed steps per mode after ``warmup``, modes alternated (off, on, on, off,
 …) so drift hits both; the median ratio gives the overhead. Each configuration gets a verdict on
@@ -29,16 +26,16 @@ from __future__ import annotations
 
 import statistics
 import time
-import weakref
-from contextlib import contextmanager
-from typing import Any
 
 import torch
 from torch import nn
 
 from qbench import hookimpl
+from qbench.memory import PeakMemory, SavedTensorMeter
 from qbench.params import Param, QBenchError
+from qbench.quant.lora import lora_modules
 from qbench.suite import CellContext, Metric, MetricSpec, Suite
+from qbench.train.lora import enable_checkpointing
 
 FULL_FINETUNE_METHODS = ("fp16", "bf16", "fp32")
 CLAIM_TEXT = "gradient checkpointing saves 50–80% of activation memory at ~20–30% slower steps"
@@ -67,133 +64,11 @@ def _check_sizes(what):
     return check
 
 
-# --------------------------------------------------------------------------- saved-tensor meter
-
-
-def _storage_key(t: torch.Tensor):
-    try:
-        storage = t.untyped_storage()
-        return (str(storage.device), storage.data_ptr()), storage.nbytes()
-    except Exception:  # tensor subclasses without a plain storage: count their own bytes
-        return ("object", id(t)), t.numel() * t.element_size()
-
-
-class _Packed:
-    """What the outer hook stores instead of the tensor; its death releases the bytes."""
-
-    __slots__ = ("tensor", "key", "meter", "__weakref__")
-
-    def __init__(self, tensor, key, meter):
-        self.tensor, self.key, self.meter = tensor, key, meter
-
-    def __del__(self):
-        self.meter._release(self.key)
-
-
-class SavedTensorMeter:
-    """Peak live bytes of tensors saved for backward, recomputed ones included (see module doc)."""
-
-    def __init__(self, model: nn.Module):
-        self.excluded = {_storage_key(t)[0] for t in list(model.parameters()) + list(model.buffers()) if t is not None}
-        self.counts: dict[Any, list[int]] = {}
-        self.live = self.peak = 0
-        self.recomputed_tensors = 0
-        self.recompute_hooked = False
-        self.active = False
-
-    def _add(self, t: torch.Tensor):
-        if not isinstance(t, torch.Tensor):
-            return None
-        key, nbytes = _storage_key(t)
-        if key in self.excluded or nbytes == 0:
-            return None
-        entry = self.counts.get(key)
-        if entry is None:
-            self.counts[key] = [1, nbytes]
-            self.live += nbytes
-            self.peak = max(self.peak, self.live)
-        else:
-            entry[0] += 1
-        return key
-
-    def _release(self, key) -> None:
-        entry = self.counts.get(key)
-        if entry is None:
-            return
-        entry[0] -= 1
-        if entry[0] == 0:
-            self.live -= entry[1]
-            del self.counts[key]
-
-    def _pack(self, t):
-        key = self._add(t)
-        return t if key is None else _Packed(t, key, self)
-
-    @staticmethod
-    def _unpack(obj):
-        return obj.tensor if isinstance(obj, _Packed) else obj
-
-    def _track_recomputed(self, x) -> None:
-        key = self._add(x)
-        if key is not None:
-            self.recomputed_tensors += 1
-            weakref.finalize(x, self._release, key)
-
-    @contextmanager
-    def measure(self):
-        with self._recompute_patch(), torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
-            yield self
-
-    @contextmanager
-    def _recompute_patch(self):
-        import torch.utils.checkpoint as ckpt
-
-        original = getattr(ckpt, "_recomputation_hook", None)
-        if original is None or not isinstance(original, type):
-            yield
-            return
-        meter = self
-
-        class _CountingRecomputationHook(original):
-            def __init__(self, target_frame_ref, gid, *args, **kwargs):
-                super().__init__(target_frame_ref, gid, *args, **kwargs)
-                inner = self.pack_hook
-
-                def pack_hook(x):
-                    # The last recomputed tensor is stored and then _StopRecomputationError raised
-                    # (early stop), so find what was stored through the frame, not the return value.
-                    frame = target_frame_ref()
-                    index = frame.recomp_counter[gid]
-                    try:
-                        return inner(x)
-                    finally:
-                        meter._track_recomputed(_stored_recomputed(frame, gid, index))
-                self.pack_hook = pack_hook
-
-        ckpt._recomputation_hook = _CountingRecomputationHook
-        self.recompute_hooked = True
-        try:
-            yield
-        finally:
-            ckpt._recomputation_hook = original
-
-
-def _stored_recomputed(frame, gid, index):
-    """The tensor checkpoint's recomputation hook just stored for saved-tensor ``index``."""
-    if index >= len(frame.weak_holders):
-        return None
-    holder = frame.weak_holders[index]()
-    handle = None if holder is None else holder.handles.get(gid)
-    return None if handle is None else frame.recomputed[gid].get(handle)
-
-
 # --------------------------------------------------------------------------- one training step
 
 
 def set_trainable(model: nn.Module) -> str:
     """LoRA models train their adapters; other models train every parameter (full fine-tuning)."""
-    from qbench.plugins.lora import lora_modules
-
     modules = lora_modules(model)
     for p in model.parameters():
         p.requires_grad_(not modules)
@@ -204,8 +79,6 @@ def set_trainable(model: nn.Module) -> str:
 
 
 def training_step(model: nn.Module, batch: torch.Tensor, checkpointing: bool, seed: int) -> float:
-    from qbench.plugins.lora import enable_checkpointing
-
     enable_checkpointing(model, checkpointing)
     for p in model.parameters():
         p.grad = None
@@ -220,28 +93,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def allocator_peak(model, batch, checkpointing, seed, device) -> int:
-    if device.type == "cuda":
-        _sync(device)
-        for p in model.parameters():
-            p.grad = None
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        training_step(model, batch, checkpointing, seed)
-        _sync(device)
-        return int(torch.cuda.max_memory_allocated(device) - base)
-    from torch.profiler import ProfilerActivity, profile
-
+def allocator_peak(model, batch, checkpointing, seed, device) -> tuple[int, str]:
+    """(bytes, what they are): the allocator's peak above the step's start on CUDA, the peak of torch's
+    own live allocations during the step on CPU."""
     for p in model.parameters():
         p.grad = None
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with PeakMemory(device, cpu="allocator") as mem:
         training_step(model, batch, checkpointing, seed)
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return int(peak)
+    return mem.rise, mem.kind
 
 
 def saved_tensor_peak(model, batch, checkpointing, seed) -> SavedTensorMeter:
@@ -293,7 +152,7 @@ class CheckpointingSuite(Suite):
     }
 
     def applies_to(self, method) -> str | None:
-        if getattr(method, "can_train", False) or method.name in FULL_FINETUNE_METHODS:
+        if method.can_train or method.name in FULL_FINETUNE_METHODS:
             return None
         return (f"checkpointing measures training steps; method {method.name} does not train "
                 f"(use qlora, lora or a float baseline: {', '.join(FULL_FINETUNE_METHODS)})")
@@ -324,8 +183,6 @@ class CheckpointingSuite(Suite):
                     batch = torch.randint(3, vocab, (batch_size, seqlen), generator=gen).to(device)
                     metrics.update(self._one(model, batch, ctx, device, f"bs{batch_size}_seq{seqlen}"))
         finally:
-            from qbench.plugins.lora import enable_checkpointing
-
             enable_checkpointing(model, False)
             for n, p in model.named_parameters():
                 p.requires_grad_(flags[n])
@@ -353,9 +210,8 @@ class CheckpointingSuite(Suite):
             f"{tag}.grad_max_rel_diff": Metric(diff, "max |g_on - g_off| / max |g_off|"),
         }
         if self.values["allocator"]:
-            peak_off = allocator_peak(model, batch, False, seed, device)
-            peak_on = allocator_peak(model, batch, True, seed, device)
-            kind = "cuda max allocated" if device.type == "cuda" else "torch.profiler CPU"
+            peak_off, kind = allocator_peak(model, batch, False, seed, device)
+            peak_on, _ = allocator_peak(model, batch, True, seed, device)
             out[f"{tag}.alloc_peak_without"] = Metric(peak_off, f"bytes ({kind})")
             out[f"{tag}.alloc_peak_with"] = Metric(peak_on, f"bytes ({kind})")
             out[f"{tag}.alloc_pct_saved"] = Metric(100.0 * (1 - peak_on / peak_off) if peak_off else 0.0, "%")

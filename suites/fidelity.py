@@ -2,7 +2,8 @@
 
 On the same non-overlapping windows the perplexity suite uses (rows joined, tokenized once, cut
 into ``seqlen``-token windows, tail dropped), an unquantized FP32 copy of the same model (loaded
-again in this process; ``reference=float16`` halves its memory on a GPU) and the quantized model each predict every next token. Per token:
+again in this process; ``reference=float16`` halves its memory on a GPU) and the quantized model
+each predict every next token. Per token:
 
 * KL(P_ref ‖ P_quant) over the full vocabulary — the measure llama.cpp reports beside perplexity,
   more sensitive than perplexity to small differences;
@@ -23,11 +24,9 @@ import torch.nn.functional as F
 
 from qbench import hookimpl
 from qbench.data import encode
+from qbench.dtypes import FLOAT_DTYPES, short_name
 from qbench.params import Param, QBenchError
 from qbench.suite import CellContext, Metric, MetricSpec, Suite
-
-REFERENCE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
 def reference_spec(model_info: dict) -> str:
@@ -82,7 +81,7 @@ class FidelitySuite(Suite):
         "limit": Param(int, None, "number of windows (default: the run's --limit, else all)",
                        check=lambda v: None if v > 0 else "must be positive"),
         "reference": Param(str, "float32", "dtype of the unquantized reference model (float16 halves its "
-                           "memory on a GPU)", choices=tuple(REFERENCE_DTYPES)),
+                           "memory on a GPU)", choices=tuple(FLOAT_DTYPES)),
     }
 
     metrics = {
@@ -113,7 +112,7 @@ class FidelitySuite(Suite):
                               f"{seqlen}; use fidelity:seqlen=N with a smaller N")
         used = available if limit is None else min(available, limit)
         ref_name = self.values["reference"]
-        reference = load_reference(ctx.model_info, ctx.device, REFERENCE_DTYPES[ref_name])
+        reference = load_reference(ctx.model_info, ctx.device, FLOAT_DTYPES[ref_name])
         kls, agrees, ref_nll, quant_nll = [], [], 0.0, 0.0
         start = time.perf_counter()
         for w in range(used):
@@ -129,7 +128,7 @@ class FidelitySuite(Suite):
         if not (torch.isfinite(kl).all() and math.isfinite(quant_nll)):
             raise QBenchError(f"non-finite KL in {int((~torch.isfinite(kl)).sum())} tokens: "
                               f"the quantized model's outputs are NaN/Inf")
-        protocol = f"{ctx.dataset.name}/fidelity-s{seqlen}-vs-{_SHORT[ref_name]}"
+        protocol = f"{ctx.dataset.name}/fidelity-s{seqlen}-vs-{short_name(ref_name)}"
         if used < available:
             protocol += f"/first-{used}"
             ctx.notes.append(f"fidelity over the first {used} of {available} windows (--limit); "

@@ -102,7 +102,7 @@ class LatencySuite(Suite):
             # p90 of the step time is the slow tail: the 10th percentile of throughput.
             metrics[f"decode_tok_s_p10_b{bs}"] = Metric(round(sorted(tok_s)[len(tok_s) // 10], 2), "tokens/s")
             metrics[f"decode_ms_per_step_p90_b{bs}"] = Metric(round(1000 * _p90(decodes) / v["new_tokens"], 3), "ms")
-        paths = sorted({getattr(m, "kernel_path", None) for m in ctx.model.modules() if hasattr(m, "kernel_path")} - {None})
+        paths = sorted({m.kernel_path for m in ctx.model.modules() if getattr(m, "kernel_path", None) is not None})
         ctx.extra["kernel_paths"] = paths
         ctx.extra["timer"] = "perf_counter + cuda.synchronize" if ctx.device.type == "cuda" else "perf_counter"
         ctx.extra["threads"] = torch.get_num_threads()

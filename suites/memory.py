@@ -5,17 +5,17 @@
 * bits per weight of those layers, and bytes per weight beside the seeds' table
   (FP32 4, FP16 2, INT8 1, 4-bit ≈ 0.5 bytes per parameter);
 * whole-model bytes: every parameter and buffer held (tied tensors counted once);
-* peak memory of one forward pass: CUDA max allocated on a GPU, process peak RSS (VmHWM, reset
-  through /proc/self/clear_refs) on CPU.
+* peak memory of one forward pass (:class:`qbench.memory.PeakMemory`): CUDA max allocated on a GPU,
+  process peak RSS (VmHWM, reset through /proc/self/clear_refs) on CPU, and its rise during the pass.
 """
 from __future__ import annotations
 
-import gc
 import os
 
 import torch
 
 from qbench import hookimpl
+from qbench.memory import PeakMemory
 from qbench.method import QuantizedLinear, quantizable_linears, quantized_modules
 from qbench.params import Param
 from qbench.suite import CellContext, Metric, MetricSpec, Suite
@@ -57,26 +57,6 @@ def quantized_layer_bytes(model: torch.nn.Module) -> tuple[int, int]:
         stored += sum(p.numel() * p.element_size() for p in linear.parameters())
         weights += linear.weight.numel()
     return stored, weights
-
-
-def _rss_peak_reset() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _status_bytes(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 class MemorySuite(Suite):
@@ -121,37 +101,23 @@ class MemorySuite(Suite):
             metrics["overhead_vs_seed_claim"] = Metric(round(off, 2), "%")
             if weights:
                 holds = abs(off) <= CLAIM_TOLERANCE_PCT
+                verdict = f"{'holds' if holds else 'does not hold'} (within {CLAIM_TOLERANCE_PCT}%)"
                 ctx.claims.append({"claim": f"{claim:g} bytes per parameter",
                                    "measured": f"{bits / 8:.4g} bytes/weight in the quantized layers ({off:+.1f}%)",
-                                   "verdict": f"{'holds' if holds else 'does not hold'} (within {CLAIM_TOLERANCE_PCT}%)"})
+                                   "verdict": verdict})
 
         seqlen = min(self.values["seqlen"], ctx.model_info.get("max_length", self.values["seqlen"]))
         gen = torch.Generator().manual_seed(ctx.seed)
         vocab = int(getattr(model.config, "vocab_size", 256))
         ids = torch.randint(0, vocab, (1, seqlen), generator=gen).to(ctx.device)
-        gc.collect()
-        if ctx.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-            with torch.no_grad():
-                model(ids)
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated()
-            metrics["peak_memory"] = Metric(peak, "bytes")
-            metrics["peak_activation_memory"] = Metric(peak - before, "bytes")
-            ctx.extra["peak_memory_kind"] = "cuda max_memory_allocated"
-        else:
-            reset = _rss_peak_reset()
-            rss_before = _status_bytes("VmRSS")
-            with torch.no_grad():
-                model(ids)
-            peak = _status_bytes("VmHWM")
-            if peak is not None:
-                metrics["peak_memory"] = Metric(peak, "bytes")
-                if reset and rss_before is not None:
-                    metrics["peak_activation_memory"] = Metric(peak - rss_before, "bytes")
-            ctx.extra["peak_memory_kind"] = "process peak RSS (VmHWM)" + ("" if reset else ", not reset: includes loading")
+        with PeakMemory(ctx.device) as memory, torch.no_grad():
+            model(ids)
+        if memory.peak is not None:
+            metrics["peak_memory"] = Metric(memory.peak, "bytes")
+        if memory.rise is not None:
+            metrics["peak_activation_memory"] = Metric(memory.rise, "bytes")
+        ctx.extra["peak_memory_kind"] = memory.kind
+        if ctx.device.type != "cuda":
             ctx.notes.append("peak mem on CPU is the process's peak resident memory during one forward pass: it also "
                              "holds the libraries a method imports and memory kept from loading or quantizing, so it "
                              "differs between methods for reasons besides their forward pass; forward peak Δ (the "

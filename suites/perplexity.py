@@ -77,7 +77,8 @@ class PerplexitySuite(Suite):
         nlls = window_nlls(ctx.model, batch, ctx.device)
         elapsed = time.perf_counter() - start
         if not all(math.isfinite(v) for v in nlls):
-            raise QBenchError(f"non-finite NLL in {sum(not math.isfinite(v) for v in nlls)} windows: the model's outputs are NaN/Inf")
+            bad = sum(not math.isfinite(v) for v in nlls)
+            raise QBenchError(f"non-finite NLL in {bad} windows: the model's outputs are NaN/Inf")
         mean_nll = sum(nlls) / len(nlls)
         protocol = f"{ctx.dataset.name}/gptq-s{seqlen}"
         if len(nlls) < total_windows:

@@ -19,8 +19,9 @@ def test_sum(benchmark, batch):
 def test_one_row_per_case_with_params_median_and_extra_info(tmp_path):
     (tmp_path / "bench_fake.py").write_text(BENCH)
     out = tmp_path / "bench.json"
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path / "bench_fake.py"),
-                          "--benchmark-only", f"--benchmark-json={out}"], capture_output=True, text=True, cwd=tmp_path)
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          str(tmp_path / "bench_fake.py"), "--benchmark-only", f"--benchmark-json={out}"],
+                         capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-2000:]
     table = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark_table.py"), str(out)],
                            capture_output=True, text=True, check=True).stdout

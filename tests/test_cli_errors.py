@@ -42,13 +42,15 @@ def check_one_line_error(result, *needles):
 ])
 def test_bad_run_arguments(tmp_path, args, needles):
     out = tmp_path / "out"
-    result = qbench_cli("run", "--models", "tiny-llama", "--methods", "fp32", "--out", str(out), "--suites", "memory", *args)
+    result = qbench_cli("run", "--models", "tiny-llama", "--methods", "fp32", "--out", str(out), "--suites", "memory",
+                        *args)
     check_one_line_error(result, *needles)
     assert not (out / "records.jsonl").exists()
 
 
 def test_dataset_not_found_says_where_it_looked(tmp_path):
-    result = qbench_cli("run", "--models", "tiny-llama", "--methods", "fp32", "--suites", "perplexity", "--out", str(tmp_path / "o"),
+    result = qbench_cli("run", "--models", "tiny-llama", "--methods", "fp32", "--suites", "perplexity",
+                        "--out", str(tmp_path / "o"),
                         env_extra={"QBENCH_DATA_DIR": str(tmp_path / "empty"), "HF_DATASETS_OFFLINE": "1"})
     check_one_line_error(result, "dataset wikitext2 not found", str(tmp_path / "empty"), "--data-dir")
 
@@ -57,8 +59,8 @@ def test_dataset_shorter_than_one_window(tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("only a few words\n")
     out = tmp_path / "o"
-    result = qbench_cli("run", "--models", "tiny-llama", "--methods", "fp32", "--suites", "perplexity:seqlen=128", "--dataset", str(short),
-                        "--out", str(out))
+    result = qbench_cli("run", "--models", "tiny-llama", "--methods", "fp32", "--suites", "perplexity:seqlen=128",
+                        "--dataset", str(short), "--out", str(out))
     check_one_line_error(result, "fewer than one window of 128")
     assert not (out / "records.jsonl").exists()
 
@@ -67,14 +69,16 @@ def test_model_directory_without_weights(tmp_path):
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text("{not json")
-    result = qbench_cli("run", "--methods", "fp32", "--models", str(model), "--suites", "memory", "--out", str(tmp_path / "o"))
+    result = qbench_cli("run", "--methods", "fp32", "--models", str(model), "--suites", "memory",
+                        "--out", str(tmp_path / "o"))
     check_one_line_error(result, "config.json is not valid JSON")
 
 
 def test_unwritable_output_directory(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    result = qbench_cli("run", "--models", "tiny-llama", "--methods", "fp32", "--suites", "memory", "--out", str(blocker / "run"))
+    result = qbench_cli("run", "--models", "tiny-llama", "--methods", "fp32", "--suites", "memory",
+                        "--out", str(blocker / "run"))
     check_one_line_error(result, "not writable")
 
 

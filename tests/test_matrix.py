@@ -6,8 +6,6 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from qbench.records import read_records
 from tests.helpers import make_third_party_dist, qbench_cli
 

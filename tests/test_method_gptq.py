@@ -12,7 +12,7 @@ from qbench.models import ByteTokenizer, tiny_llama
 from qbench.params import QBenchError
 from qbench.plugins import gptq as gptq_plugin
 from qbench.plugins.gptq import GPTQ, GPTQLinear, load_gptq_checkpoint, save_gptq_checkpoint
-from qbench.plugins.gptq_algorithm import HessianAccumulator, gptq_quantize_weight, inverse_cholesky
+from qbench.quant.gptq import HessianAccumulator, gptq_quantize_weight, inverse_cholesky
 
 TEXT = ("The quick brown fox jumps over the lazy dog while the committee reviews the budget. "
         "Quantization maps each weight to a small grid; GPTQ corrects the rounding error of each column "
@@ -136,7 +136,8 @@ def test_method_quantizes_tiny_llama_and_reports(tmp_path):
     assert len(modules) == 14 and all(isinstance(m, GPTQLinear) for m in modules.values())
     assert not list(quantizable_linears(model))
     report = method.report
-    assert report["calibration"] == {"nsamples": 16, "seqlen": 128, "seed": 0, "device_default": False}  # capped at the model's length
+    # seqlen capped at the model's length
+    assert report["calibration"] == {"nsamples": 16, "seqlen": 128, "seed": 0, "device_default": False}
     assert set(report["layers"]) == set(modules)
     for stats in report["layers"].values():
         assert stats["output_error"] <= stats["rtn_output_error"]
@@ -203,7 +204,8 @@ def test_saved_checkpoint_reloads_bit_identically(tmp_path):
     config = json.loads((directory / "config.json").read_text())["quantization_config"]
     assert config == json.loads((directory / "quantize_config.json").read_text())
     assert {k: config[k] for k in ("quant_method", "bits", "group_size", "sym", "desc_act", "checkpoint_format")} == \
-        {"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": True, "desc_act": True, "checkpoint_format": "gptq"}
+        {"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": True, "desc_act": True,
+         "checkpoint_format": "gptq"}
     reloaded = load_gptq_checkpoint(directory)
     originals = dict(quantized_modules(model))
     for name, module in quantized_modules(reloaded):

@@ -77,7 +77,8 @@ def test_storage_bytes_by_hand(model_and_logits):
     assert channel.storage_bytes() == 64 * 176 + 64 * 4  # int8 codes + one fp32 scale per row
     tensor = dict(quantized_modules(_quantize(model, granularity="tensor")))["model.layers.0.mlp.down_proj"]
     assert tensor.storage_bytes() == 64 * 176 + 4
-    block = dict(quantized_modules(_quantize(model, granularity="block", block_size=48)))["model.layers.0.mlp.down_proj"]
+    modules = dict(quantized_modules(_quantize(model, granularity="block", block_size=48)))
+    block = modules["model.layers.0.mlp.down_proj"]
     assert block.storage_bytes() == 64 * 176 + 64 * 4 * 4  # 176 = 3 x 48 + 32: four blocks per row
     static = dict(quantized_modules(_quantize(model, activations="static")))["model.layers.0.mlp.down_proj"]
     assert static.storage_bytes() == 64 * 176 + 64 * 4 + 4  # + the calibrated activation absmax

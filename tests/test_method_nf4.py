@@ -9,7 +9,8 @@ from torch import nn
 from qbench.method import quantizable_linears, quantized_modules
 from qbench.models import tiny_llama
 from qbench.params import QBenchError
-from qbench.plugins.nf4 import NF4Linear, NF4Method
+from qbench.plugins.nf4 import NF4Method
+from qbench.quant.nf4 import NF4Linear
 
 
 def test_registered_as_a_plugin():

@@ -5,10 +5,12 @@ import os
 import pytest
 import torch
 
+from qbench.formats.peft import load_peft_adapter, save_peft_adapter
 from qbench.method import quantized_modules
 from qbench.models import tiny_llama
 from qbench.params import QBenchError
-from qbench.plugins.lora import LoRAMethod, load_peft_adapter, lora_modules, save_peft_adapter
+from qbench.plugins.lora import LoRAMethod
+from qbench.quant.lora import lora_modules
 
 
 class WindowData:
@@ -141,7 +143,9 @@ def test_bad_train_input(params, data, match):
 
 # ------------------------------------------------------------------------------------------ qlora
 
-from qbench.plugins.qlora import NF4FrozenLinear, QLoRALinear, QLoRAMethod  # noqa: E402
+from qbench.plugins.qlora import QLoRAMethod  # noqa: E402
+from qbench.quant.lora import QLoRALinear  # noqa: E402
+from qbench.quant.nf4 import NF4Linear  # noqa: E402
 
 
 def _swap_rebuilt(model):
@@ -175,13 +179,12 @@ def test_qlora_target_subset_quantizes_the_rest_without_adapters():
     QLoRAMethod(r=2, target_modules="q_proj+v_proj").quantize(model)
     kinds = {n.rsplit(".", 1)[-1]: type(m) for n, m in quantized_modules(model)}
     assert kinds["q_proj"] is QLoRALinear and kinds["v_proj"] is QLoRALinear
-    assert kinds["o_proj"] is NF4FrozenLinear and kinds["down_proj"] is NF4FrozenLinear
+    assert kinds["o_proj"] is NF4Linear and kinds["down_proj"] is NF4Linear
     assert not any(isinstance(m, torch.nn.Linear) for n, m in model.named_modules() if ".layers." in n)
 
 
 def test_qlora_adapter_loads_in_peft_on_dequantized_base(tmp_path):
     peft = pytest.importorskip("peft")
-    from qbench.method import set_submodule
     model = tiny_llama()
     QLoRAMethod(r=4, alpha=8).quantize(model)
     _randomize_b(model)
@@ -197,7 +200,7 @@ def test_qlora_adapter_loads_in_peft_on_dequantized_base(tmp_path):
 
 def test_fused_module_path_matches_reference(monkeypatch):
     """The module's Triton path (forced on CPU under the interpreter) against its torch path."""
-    import qbench.plugins.qlora as qlora_mod
+    import qbench.quant.lora as lora_layers
     g = torch.Generator().manual_seed(0)
     linear = torch.nn.Linear(40, 24, bias=True)
     layer = QLoRALinear.from_linear(linear, r=3, alpha=6, dropout=0.0, generator=g)
@@ -206,7 +209,7 @@ def test_fused_module_path_matches_reference(monkeypatch):
     x = torch.randn(2, 5, 40, generator=g)
     outs, grads = [], []
     for fused in (False, True):
-        monkeypatch.setattr(qlora_mod, "use_triton_in_module", lambda t, f=fused: f)
+        monkeypatch.setattr(lora_layers, "use_triton_in_module", lambda t, f=fused: f)
         xi = x.clone().requires_grad_()
         y = layer(xi)
         assert layer.kernel_path == ("triton" if fused else "reference")

@@ -10,11 +10,17 @@ bnb = pytest.importorskip("bitsandbytes")
 F = pytest.importorskip("bitsandbytes.functional")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from qbench.kernels.nf4 import (DYNAMIC_MAP, FP4_CODE, NF4_CODE, dequantize_nf4, dequantize_nf4_reference,  # noqa: E402
-                                quantize_nf4, quantize_nf4_reference)
-from qbench.plugins.nf4 import NF4Linear  # noqa: E402
-from qbench.plugins.nf4_checkpoint import (load_nf4_checkpoint, nf4_tensor_from_state,  # noqa: E402
-                                           quant_state_tensors, save_nf4_checkpoint)
+from qbench.formats.bnb_nf4 import load_nf4_checkpoint, nf4_tensor_from_state, quant_state_tensors, save_nf4_checkpoint  # noqa: E402
+from qbench.kernels.nf4 import (  # noqa: E402
+    DYNAMIC_MAP,
+    FP4_CODE,
+    NF4_CODE,
+    dequantize_nf4,
+    dequantize_nf4_reference,
+    quantize_nf4,
+    quantize_nf4_reference,
+)
+from qbench.quant.nf4 import NF4Linear  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -105,7 +111,8 @@ def test_bitsandbytes_checkpoint_loads_into_nf4linear(tmp_path, quant_type, doub
     assert torch.equal(dequantize_nf4_reference(ours.q), dequantized)
 
 
-@pytest.mark.parametrize("quant_type,double_quant,blocksize", [("nf4", True, 64), ("fp4", True, 32), ("nf4", False, 256)])
+@pytest.mark.parametrize("quant_type,double_quant,blocksize",
+                         [("nf4", True, 64), ("fp4", True, 32), ("nf4", False, 256)])
 def test_our_checkpoint_loads_into_bitsandbytes(tmp_path, quant_type, double_quant, blocksize):
     w = torch.randn(10, 333, dtype=torch.float16)
     q = quantize_nf4_reference(w, blocksize, double_quant, quant_type)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from qbench.params import QBenchError
-from qbench.plugins.paged_adamw import PagedAdamW, make_optimizer
+from qbench.train.paged_adamw import PagedAdamW, make_optimizer
 
 
 def _params(seed=0):

@@ -91,7 +91,7 @@ def test_memory_counts_what_bitsandbytes_stores():
 @pytest.mark.parametrize("in_features", [128, 176])
 def test_bnb_nf4_layer_agrees_with_our_nf4(in_features):
     from qbench.kernels.nf4 import dequantize_nf4_reference
-    from qbench.plugins.nf4 import NF4Linear
+    from qbench.quant.nf4 import NF4Linear
 
     torch.manual_seed(3)
     linear = nn.Linear(in_features, 24)

@@ -2,7 +2,6 @@
 run through the same suites, their storage counted from the tensors the library keeps."""
 import pytest
 import torch
-from torch import nn
 
 from qbench import host
 from qbench.method import quantizable_linears, quantized_modules
@@ -40,7 +39,8 @@ def test_torchao_int8_counts_codes_scales_and_zero_points(tiny_model):
 
 def test_torchao_int4_needs_whole_groups_and_bfloat16_on_cuda(tiny_model):
     pytest.importorskip("torchao")
-    with pytest.raises(QBenchError, match="64 input columns, not a multiple of group_size=128.*use group_size=16 or 32 or 64"):
+    message = "64 input columns, not a multiple of group_size=128.*use group_size=16 or 32 or 64"
+    with pytest.raises(QBenchError, match=message):
         host.make_method("torchao-int4", {"group_size": 128}).quantize(tiny_model)
     method = host.make_method("torchao-int4", {})
     with pytest.raises(QBenchSkip, match="needs bfloat16"):  # checked before any CUDA call
@@ -57,7 +57,7 @@ def test_quanto_int8_codes_are_ours_per_channel(tiny_model):
     pytest.importorskip("optimum.quanto")
     from qbench.kernels.absmax import quantize as absmax_quantize
 
-    weights = {n: l.weight.detach().clone() for n, l in quantizable_linears(tiny_model)}
+    weights = {n: linear.weight.detach().clone() for n, linear in quantizable_linears(tiny_model)}
     model, error = quantized("quanto-int8", {}, tiny_model)
     assert error < 0.02
     for name, module in quantized_modules(model):

@@ -61,8 +61,9 @@ def test_vocabulary_smaller_than_the_byte_tokenizer_is_refused(config_dir):
 def test_memory_cell_on_a_random_model_records_the_note(config_dir, tmp_path):
     """Also: a run whose suites read no text needs no dataset (the GPU machine has none)."""
     out = tmp_path / "run"
-    result = qbench_cli("run", "--methods", "fp16,nf4", "--models", RANDOM_PREFIX + str(config_dir), "--suites", "memory",
-                        "--out", str(out), env_extra={"QBENCH_DATA_DIR": str(tmp_path / "no-data")})
+    result = qbench_cli("run", "--methods", "fp16,nf4", "--models", RANDOM_PREFIX + str(config_dir),
+                        "--suites", "memory", "--out", str(out),
+                        env_extra={"QBENCH_DATA_DIR": str(tmp_path / "no-data")})
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     assert [r["status"] for r in records] == ["ok", "ok"]

@@ -3,11 +3,11 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from qbench.memory import SavedTensorMeter
 from qbench.models import tiny_llama
 from qbench.params import QBenchError
 from qbench.suite import CellContext
-from qbench.suites.checkpointing import (CheckpointingSuite, SavedTensorMeter, grads_of, set_trainable,
-                                         training_step, verdict)
+from qbench.suites.checkpointing import CheckpointingSuite, grads_of, set_trainable, training_step, verdict
 
 
 def _ctx(model, method_name="qlora"):
@@ -61,7 +61,7 @@ def test_gradients_match_with_and_without_checkpointing(kind):
         QLoRAMethod(r=4, dropout=0.1).quantize(model)
     assert set_trainable(model) == ("full" if kind == "full" else "lora")
     if kind != "full":
-        from qbench.plugins.lora import lora_modules
+        from qbench.quant.lora import lora_modules
         for _, m in lora_modules(model):
             torch.nn.init.normal_(m.lora_B, std=0.1)
     model.train()  # dropout on: checkpoint must replay the same masks

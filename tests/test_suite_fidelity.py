@@ -10,9 +10,9 @@ from qbench import host
 from qbench.data import TextSource
 from qbench.models import load_model
 from qbench.params import QBenchError
+from qbench.records import read_records
 from qbench.suite import CellContext
 from qbench.suites.fidelity import FidelitySuite, compare_window, summarize
-from qbench.records import read_records
 from tests.helpers import qbench_cli
 
 TEXT = ("The quick brown fox jumps over the lazy dog. " * 40

@@ -78,7 +78,7 @@ def test_forward_backward(benchmark, layers, shape, batch):
 def test_paged_optimizer_peak_memory(benchmark, optimizer):
     """Peak GPU memory of one optimizer step on 256 Mi fp16 parameters (state: 2 GiB fp32)."""
     from qbench.params import QBenchError
-    from qbench.plugins.paged_adamw import make_optimizer
+    from qbench.train.paged_adamw import make_optimizer
 
     params = [torch.zeros(1 << 24, device="cuda", dtype=torch.float16, requires_grad=True) for _ in range(16)]
     for p in params:

@@ -3,9 +3,13 @@ import pytest
 import torch
 
 from qbench.kernels import absmax, affine
-from qbench.kernels.dequant_matmul import (affine_dequant_weight_reference, affine_weight_matmul,
-                                           affine_weight_matmul_reference, int8_weight_matmul,
-                                           int8_weight_matmul_reference)
+from qbench.kernels.dequant_matmul import (
+    affine_dequant_weight_reference,
+    affine_weight_matmul,
+    affine_weight_matmul_reference,
+    int8_weight_matmul,
+    int8_weight_matmul_reference,
+)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 N, K = 37, 75  # neither a multiple of the blocks

@@ -2,8 +2,16 @@
 import pytest
 import torch
 
-from qbench.kernels.gptq_pack import (dequantize_gptq, pack_gptq, pack_qweight, pack_qzeros, pack_rows,
-                                      packed_rows, unpack_qzeros, unpack_rows)
+from qbench.kernels.gptq_pack import (
+    dequantize_gptq,
+    pack_gptq,
+    pack_qweight,
+    pack_qzeros,
+    pack_rows,
+    packed_rows,
+    unpack_qzeros,
+    unpack_rows,
+)
 from qbench.params import QBenchError
 
 

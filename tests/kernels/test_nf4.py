@@ -4,8 +4,15 @@ import pytest
 import torch
 
 import qbench.kernels.nf4 as nf4
-from qbench.kernels.nf4 import (DYNAMIC_MAP, NF4_CODE, NF4Tensor, dequantize_nf4, dequantize_nf4_reference,
-                                quantize_nf4, quantize_nf4_reference)
+from qbench.kernels.nf4 import (
+    DYNAMIC_MAP,
+    NF4_CODE,
+    NF4Tensor,
+    dequantize_nf4,
+    dequantize_nf4_reference,
+    quantize_nf4,
+    quantize_nf4_reference,
+)
 from qbench.params import QBenchError
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

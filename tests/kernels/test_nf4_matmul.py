@@ -4,8 +4,14 @@ import pytest
 import torch
 
 from qbench.kernels.nf4 import dequantize_nf4_reference, quantize_nf4_reference
-from qbench.kernels.nf4_matmul import (GEMV_MAX_ROWS, nf4_linear, nf4_matmul, nf4_matmul_grad_input,
-                                       nf4_matmul_grad_input_reference, nf4_matmul_reference)
+from qbench.kernels.nf4_matmul import (
+    GEMV_MAX_ROWS,
+    nf4_linear,
+    nf4_matmul,
+    nf4_matmul_grad_input,
+    nf4_matmul_grad_input_reference,
+    nf4_matmul_reference,
+)
 
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 import qbench
+from qbench.dtypes import dtype_name, dtype_of
 from qbench.method import Method, QuantizedLinear, replace_linears
 from qbench.params import Param, QBenchError, QBenchSkip
 
@@ -33,11 +34,6 @@ else:
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 KERNEL_PATH = "bitsandbytes"
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def check_device(device: torch.device, method: str) -> None:
@@ -107,9 +103,9 @@ class Bnb4bitLinear(QuantizedLinear):
     def config(self) -> dict[str, Any]:
         s = self.state
         cfg = {"in_features": self.in_features, "out_features": self.out_features, "blocksize": s.blocksize,
-               "quant_type": s.quant_type, "dtype": _dtype_name(s.dtype)}
+               "quant_type": s.quant_type, "dtype": dtype_name(s.dtype)}
         if s.nested:
-            cfg.update({"nested_blocksize": s.state2.blocksize, "nested_dtype": _dtype_name(s.state2.dtype)})
+            cfg.update({"nested_blocksize": s.state2.blocksize, "nested_dtype": dtype_name(s.state2.dtype)})
         return cfg
 
     @classmethod
@@ -118,10 +114,11 @@ class Bnb4bitLinear(QuantizedLinear):
         if "nested_absmax" in tensors:
             offset = tensors["offset"].reshape(())
             state2 = bnbf.QuantState(absmax=tensors["nested_absmax"], blocksize=config["nested_blocksize"],
-                                     code=tensors["nested_quant_map"], dtype=_DTYPES[config["nested_dtype"]])
-        state = bnbf.QuantState(absmax=tensors["absmax"], shape=torch.Size([config["out_features"], config["in_features"]]),
+                                     code=tensors["nested_quant_map"], dtype=dtype_of(config["nested_dtype"]))
+        shape = torch.Size([config["out_features"], config["in_features"]])
+        state = bnbf.QuantState(absmax=tensors["absmax"], shape=shape,
                                 code=tensors["quant_map"], blocksize=config["blocksize"],
-                                quant_type=config["quant_type"], dtype=_DTYPES[config["dtype"]],
+                                quant_type=config["quant_type"], dtype=dtype_of(config["dtype"]),
                                 offset=offset, state2=state2)
         return cls(tensors["packed"], state, tensors.get("bias"))
 

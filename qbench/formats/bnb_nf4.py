@@ -25,23 +25,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qbench.dtypes import FLOAT_DTYPES, dtype_name
 from qbench.kernels.nf4 import DYNAMIC_MAP, NESTED_BLOCKSIZE, QUANT_TYPES, NF4Tensor, check_settings, code_book
 from qbench.method import quantizable_linears, set_submodule
 from qbench.params import QBenchError
-from qbench.plugins.nf4 import NF4Linear
+from qbench.quant.nf4 import NF4Linear
 
 QUANT_STATE_KEY = "quant_state.bitsandbytes__"
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def quant_state_tensors(q: NF4Tensor, prefix: str = "weight") -> dict[str, torch.Tensor]:
     """The state-dict entries bitsandbytes writes for a quantized weight (``prefix`` = "weight"
     inside a module, or the full ``<name>.weight``)."""
-    meta = {"quant_type": q.quant_type, "blocksize": q.blocksize, "dtype": _dtype_name(q.dtype),
+    meta = {"quant_type": q.quant_type, "blocksize": q.blocksize, "dtype": dtype_name(q.dtype),
             "shape": list(q.shape)}
     out = {prefix: q.packed.reshape(-1, 1), f"{prefix}.absmax": q.absmax,
            f"{prefix}.quant_map": code_book(q.quant_type).clone()}
@@ -72,15 +68,15 @@ def nf4_tensor_from_state(tensors: dict[str, torch.Tensor], prefix: str = "weigh
     meta = json.loads(bytes(tensors[key].to(torch.uint8).cpu().tolist()).decode("utf-8"))
     quant_type, blocksize = meta["quant_type"], int(meta["blocksize"])
     check_settings(blocksize, quant_type)
-    if meta.get("dtype") not in _DTYPES:
-        raise QBenchError(f"{prefix}: unsupported weight dtype {meta.get('dtype')!r}; valid: float32, float16, bfloat16")
+    if meta.get("dtype") not in FLOAT_DTYPES:
+        raise QBenchError(f"{prefix}: unsupported weight dtype {meta.get('dtype')!r}; valid: {', '.join(FLOAT_DTYPES)}")
     quant_map = tensors.get(f"{prefix}.quant_map")
     if quant_map is not None and not torch.equal(quant_map.float().cpu(), code_book(quant_type)):
         raise QBenchError(f"{prefix}: its quant_map is not bitsandbytes' {quant_type} code book; cannot decode it")
     packed = tensors[prefix]
     packed = (packed if packed.dtype == torch.uint8 else packed.contiguous().view(torch.uint8)).reshape(-1)
     q = NF4Tensor(packed=packed, absmax=tensors[f"{prefix}.absmax"].reshape(-1), shape=tuple(meta["shape"]),
-                  dtype=_DTYPES[meta["dtype"]], blocksize=blocksize, quant_type=quant_type)
+                  dtype=FLOAT_DTYPES[meta["dtype"]], blocksize=blocksize, quant_type=quant_type)
     if f"{prefix}.nested_absmax" in tensors:
         nested_map = tensors.get(f"{prefix}.nested_quant_map")
         if nested_map is not None and not torch.equal(nested_map.float().cpu(), DYNAMIC_MAP):

@@ -129,8 +129,10 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0,
         try:
             import bitsandbytes as bnb
         except Exception as exc:
-            raise QBenchError(f"optimizer=bnb-paged needs bitsandbytes ({type(exc).__name__}: {exc}); use optimizer=paged") from None
+            raise QBenchError(f"optimizer=bnb-paged needs bitsandbytes ({type(exc).__name__}: {exc}); "
+                              "use optimizer=paged") from None
         if not torch.cuda.is_available():
-            raise QBenchError("optimizer=bnb-paged needs a CUDA GPU (bitsandbytes pages CUDA unified memory); use optimizer=paged")
+            raise QBenchError("optimizer=bnb-paged needs a CUDA GPU (bitsandbytes pages CUDA unified memory); "
+                              "use optimizer=paged")
         return bnb.optim.PagedAdamW(params, lr=lr, weight_decay=weight_decay)
     raise QBenchError(f"unknown optimizer {name!r}; valid optimizers: {', '.join(OPTIMIZERS)}")
