@@ -17,8 +17,11 @@ Stored per layer (every byte counts in the memory suite):
   not stored when ``sym=true`` (the zero is 2**(bits-1) for every group);
 * ``bias`` when the layer has one.
 
-On CUDA the layer runs the fused dequantize-matmul (GEMV for batch 1, GEMM otherwise); on CPU the
-torch reference, recorded in ``kernel_path``.
+On CUDA the layer runs the fused dequantize-matmul (GEMV for batch 1, GEMM otherwise). On CPU a
+4-bit layer is converted once (at quantize / load time) to ATen's int4 layout and runs
+``torch._weight_int4pack_mm_for_cpu`` (bf16 activations; :mod:`qbench.kernels.cpu_int4`), holding
+that layout beside the stored tensors (``runtime_tensors``); other widths and
+``QBENCH_CPU_KERNEL=reference`` run the torch reference. ``kernel_path`` records which ran.
 """
 from __future__ import annotations
 
@@ -28,8 +31,10 @@ import torch
 from torch import nn
 
 from qbench import hookimpl
-from qbench.kernels import affine
+from qbench.kernels import affine, cpu_int4
+from qbench.kernels._cpu import cpu_kernels_wanted, use_cpu_kernel
 from qbench.kernels._triton import cdiv, use_triton_in_module
+from qbench.kernels.affine import unpack_codes
 from qbench.kernels.dequant_matmul import (affine_dequant_weight_reference, affine_weight_matmul,
                                            affine_weight_matmul_reference)
 from qbench.method import Method, QuantizedLinear, replace_linears
@@ -60,6 +65,9 @@ class AffineLinear(QuantizedLinear):
         self.register_buffer("scales", scales.to(torch.float16).contiguous())
         self.register_buffer("zeros", None if sym else zeros.to(torch.uint8).contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self._cpu_pack: cpu_int4.Int4CpuPack | None | bool = None  # False: this layer has no CPU layout
+        if cpu_kernels_wanted(self.codes.device):
+            self._cpu_int4()  # converted once, at quantize / load time
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int, group_size: int, sym: bool) -> "AffineLinear":
@@ -75,11 +83,35 @@ class AffineLinear(QuantizedLinear):
         return affine_dequant_weight_reference(self.codes, self.scales, self.zeros, self.bits, self.group_size,
                                                self.in_features, self.sym)
 
+    def _cpu_int4(self) -> cpu_int4.Int4CpuPack | None:
+        """ATen's int4 layout of this layer (4 bits, on CPU), built on first need; None where there is none."""
+        if self._cpu_pack is None:
+            self._cpu_pack = False
+            if self.bits == 4 and self.codes.device.type == "cpu":
+                codes = unpack_codes(self.codes, 4, self.in_features)
+                groups = self.scales.shape[1]
+                zeros = (torch.full_like(self.scales, 8.0) if self.sym else
+                         unpack_codes(self.zeros, 4, groups))
+                size = affine.effective_group_size(self.in_features, self.group_size)
+                self._cpu_pack = cpu_int4.pack_int4_cpu(codes, self.scales, zeros, size) or False
+        return self._cpu_pack or None
+
+    def runtime_tensors(self) -> dict[str, torch.Tensor]:
+        return self._cpu_pack.tensors() if self._cpu_pack else {}
+
+    def _apply(self, fn, recurse=True):
+        self._cpu_pack = None  # moved or cast: rebuilt from the stored tensors where needed
+        return super()._apply(fn, recurse)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         args = (x, self.codes, self.scales, self.zeros, self.bits, self.group_size, self.in_features, self.bias)
         if use_triton_in_module(x):
             self.kernel_path = "triton"
             return affine_weight_matmul(*args)
+        pack = self._cpu_int4() if use_cpu_kernel(x) else None
+        if pack is not None:
+            self.kernel_path = cpu_int4.KERNEL_PATH
+            return cpu_int4.int4_matmul_cpu(x, pack, self.bias)
         self.kernel_path = "reference"
         return affine_weight_matmul_reference(*args)
 

@@ -2,7 +2,10 @@
 
 Quantized layers are :class:`GPTQLinear` modules that hold exactly the checkpoint layout GPTQ tools
 share (``qweight``, ``qzeros``, ``scales``, ``g_idx``, optional ``bias``); they run the fused Triton
-dequantize-matmul on CUDA and the torch reference on CPU. :func:`save_gptq_checkpoint` and
+dequantize-matmul on CUDA. On CPU a 4-bit layer is converted once (at quantize / load time) to ATen's
+int4 layout, act-order columns permuted into contiguous groups, and runs
+``torch._weight_int4pack_mm_for_cpu`` (:mod:`qbench.kernels.cpu_int4`); other widths and
+``QBENCH_CPU_KERNEL=reference`` run the torch reference. :func:`save_gptq_checkpoint` and
 :func:`load_gptq_checkpoint` write and read GPTQModel/AutoGPTQ-style checkpoint directories
 (``model.safetensors`` + ``config.json`` with ``quantization_config`` + ``quantize_config.json``).
 """
@@ -17,10 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from qbench.kernels import cpu_int4
+from qbench.kernels._cpu import cpu_kernels_wanted, use_cpu_kernel
 from qbench.kernels._triton import use_triton_in_module
 from qbench.kernels.gptq_matmul import gptq_matmul, gptq_matmul_reference
 from qbench.kernels.gptq_pack import (CHECKPOINT_FORMATS, SUPPORTED_BITS, dequantize_gptq, pack_gptq, pack_qzeros,
-                               packed_rows, unpack_qzeros)
+                                      packed_rows, unpack_qweight, unpack_qzeros)
 from qbench.plugins.gptq_algorithm import LayerQuantization, gptq_quantize_blocks
 from qbench import hookimpl
 from qbench.method import Method, QuantizedLinear, quantizable_linears, quantized_modules, set_submodule
@@ -72,6 +77,9 @@ class GPTQLinear(QuantizedLinear):
             self.register_buffer("bias", bias.detach().clone())
         else:
             self.bias = None
+        self._cpu_pack: cpu_int4.Int4CpuPack | None | bool = None  # False: this layer has no CPU layout
+        if cpu_kernels_wanted(self.qweight.device):
+            self._cpu_int4()  # converted once, at quantize / load time
 
     @property
     def zero_offset(self) -> int:
@@ -91,11 +99,34 @@ class GPTQLinear(QuantizedLinear):
         """The weight as an fp32 ``[out, in]`` matrix (what the matmul computes with)."""
         return dequantize_gptq(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.zero_offset).t()
 
+    def _cpu_int4(self) -> cpu_int4.Int4CpuPack | None:
+        """ATen's int4 layout of this layer (4 bits, on CPU), built on first need; None where there is none
+        (a ``g_idx`` whose groups are not ``group_size`` columns each)."""
+        if self._cpu_pack is None:
+            self._cpu_pack = False
+            if self.bits == 4 and self.qweight.device.type == "cpu":
+                codes = unpack_qweight(self.qweight, 4, self.in_features).t()
+                zeros = unpack_qzeros(self.qzeros, 4, self.out_features, self.zero_offset).t()
+                size = self.in_features if self.group_size == -1 else self.group_size
+                self._cpu_pack = cpu_int4.pack_int4_cpu(codes, self.scales.t(), zeros, size, self.g_idx) or False
+        return self._cpu_pack or None
+
+    def runtime_tensors(self) -> dict[str, torch.Tensor]:
+        return self._cpu_pack.tensors() if self._cpu_pack else {}
+
+    def _apply(self, fn, recurse=True):
+        self._cpu_pack = None  # moved or cast: rebuilt from the stored tensors where needed
+        return super()._apply(fn, recurse)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         args = (x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.bias, self.zero_offset)
         if use_triton_in_module(x):
             self.kernel_path = "triton"
             return gptq_matmul(*args)
+        pack = self._cpu_int4() if use_cpu_kernel(x) else None
+        if pack is not None:
+            self.kernel_path = cpu_int4.KERNEL_PATH
+            return cpu_int4.int4_matmul_cpu(x, pack, self.bias)
         self.kernel_path = "reference"
         return gptq_matmul_reference(*args)
 

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from qbench import hookimpl
+from qbench.kernels import cpu_nf4
+from qbench.kernels._cpu import use_cpu_kernel
 from qbench.kernels._triton import use_triton_in_module
 from qbench.kernels.nf4 import (QUANT_TYPES, VALID_BLOCKSIZES, NF4Tensor, codebook_bytes, quantize_nf4,
                                 quantize_nf4_reference)
@@ -31,8 +33,9 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat
 class NF4Linear(QuantizedLinear):
     """A linear layer whose weight is a frozen :class:`NF4Tensor` (packed codes + quant state).
 
-    Forward: Triton fused dequantize-matmul on CUDA, the torch reference (dequantize the layer,
-    then matmul) elsewhere; ``kernel_path`` says which ran. Differentiable w.r.t. the input.
+    Forward: Triton fused dequantize-matmul on CUDA; on CPU the packed-code kernel of
+    :mod:`qbench.kernels.cpu_nf4` where no gradient is needed, else the torch reference (dequantize
+    the layer, then matmul); ``kernel_path`` says which ran. Differentiable w.r.t. the input.
     """
 
     def __init__(self, q: NF4Tensor, bias: torch.Tensor | None = None, compute_dtype: torch.dtype | None = None):
@@ -73,6 +76,10 @@ class NF4Linear(QuantizedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         compute = self.compute_dtype or x.dtype
         xc = x.to(compute)
+        if use_cpu_kernel(xc) and cpu_nf4.supports(self.q):
+            self.kernel_path = cpu_nf4.kernel_path()
+            bias = None if self.bias is None else self.bias.to(compute)
+            return cpu_nf4.nf4_linear_cpu(xc, self.q, bias).to(x.dtype)
         use_triton = use_triton_in_module(xc)
         self.kernel_path = "triton" if use_triton else "reference"
         bias = None if self.bias is None else self.bias.to(compute)

@@ -72,8 +72,9 @@ class QuantizedLinear(nn.Module):
     Subclasses keep all their state in tensors returned by :meth:`stored_tensors` (packed
     weights, scales, zero points, code books, bias) and JSON-able settings in :meth:`config`,
     so the memory suite counts every byte and the cache can rebuild the module with
-    :meth:`from_stored`. ``kernel_path`` records which implementation ran last
-    ("triton" or "reference").
+    :meth:`from_stored`. A layer may also hold :meth:`runtime_tensors` (a kernel's own layout,
+    rebuilt at load time), counted as resident. ``kernel_path`` records which implementation ran
+    last ("triton", "reference", or a CPU kernel such as "cpu:int4pack-bf16").
     """
 
     in_features: int
@@ -92,6 +93,17 @@ class QuantizedLinear(nn.Module):
 
     def storage_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.stored_tensors().values())
+
+    def runtime_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors held beside :meth:`stored_tensors` only to run faster (a CPU kernel's own layout of
+        the weight, built from the stored tensors at load time, never saved). The memory suite counts
+        them as resident."""
+        return {}
+
+    def resident_bytes(self) -> int:
+        """Bytes this layer holds in memory: stored plus runtime tensors."""
+        tensors = [*self.stored_tensors().values(), *self.runtime_tensors().values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     @property
     def weight_count(self) -> int:

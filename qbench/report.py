@@ -24,6 +24,7 @@ COLUMNS = [
     ("memory", "bytes_per_weight", "bytes/weight"),
     ("memory", "seed_claim_bytes_per_param", "notes' bytes/param"),
     ("memory", "quantized_layer_bytes", "quantized layers (MiB)"),
+    ("memory", "resident_layer_bytes", "resident layers (MiB)"),
     ("memory", "model_bytes", "model (MiB)"),
     ("memory", "peak_memory", "peak mem (MiB)"),
     ("memory", "peak_activation_memory", "forward peak Δ (MiB)"),
@@ -35,8 +36,8 @@ COLUMNS = [
     ("fidelity", "top1_agreement", "top-1 agree"),
 ]
 # columns shown only when the run measured them (older tables keep their shape)
-OPTIONAL_COLUMNS = {"KL mean", "KL p99", "top-1 agree", "forward peak Δ (MiB)"}
-MIB_METRICS = {"quantized_layer_bytes", "model_bytes", "peak_memory", "peak_activation_memory"}
+OPTIONAL_COLUMNS = {"KL mean", "KL p99", "top-1 agree", "forward peak Δ (MiB)", "resident layers (MiB)"}
+MIB_METRICS = {"quantized_layer_bytes", "resident_layer_bytes", "model_bytes", "peak_memory", "peak_activation_memory"}
 
 
 def load_frame(run_dir: Path) -> pd.DataFrame:
@@ -102,7 +103,8 @@ def leaderboard(frame: pd.DataFrame) -> pd.DataFrame:
         deltas["decode speed-up"].append(_delta(base, r, "decode b1 (tok/s)", lambda a, b: round(b / a, 3) if a else None))
     for name, values in deltas.items():
         board[name] = values
-    order = ["model", "method", "bits/weight", "bytes/weight", "notes' bytes/param", "quantized layers (MiB)", "memory vs fp16", "model (MiB)",
+    order = ["model", "method", "bits/weight", "bytes/weight", "notes' bytes/param", "quantized layers (MiB)", "memory vs fp16",
+             "resident layers (MiB)", "model (MiB)",
              "peak mem (MiB)", "forward peak Δ (MiB)", "ppl", "ppl Δ vs fp16", "KL mean", "KL p99", "top-1 agree", "prefill b1 (ms)",
              "decode b1 (tok/s)", "decode speed-up", "quantize (s)", "kernels", "status"]
     shown = [c for c in order if c in board.columns and not (c in OPTIONAL_COLUMNS and board[c].isna().all())]

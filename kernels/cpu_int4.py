@@ -1,0 +1,187 @@
+"""4-bit grouped weight-only matmul on CPU with ATen's int4 kernel (``affine`` and ``gptq`` at 4 bits).
+
+``torch._weight_int4pack_mm_for_cpu(x, weight, group, scales_and_zeros)`` computes ``x @ W.T`` with
+``W[n, k] = (q[n, k] - 8) * scale[g, n] + zero[g, n]``, ``g = k // group`` (read from ATen's CPU
+kernel, ``aten/src/ATen/native/cpu/int4mm_kernel.cpp``, and tested here):
+
+* ``weight``: uint8 ``[N, K/2]`` from ``torch._convert_weight_to_int4pack_for_cpu(q)`` (int32 codes
+  ``[N, K]`` in 0..15); ATen interleaves the nibbles for its vector width, so the layout is opaque
+  and only ATen's converter writes it. Needs ``N % 16 == 0`` and even ``K``.
+* ``scales_and_zeros``: ``[K / group, N, 2]`` in the activation dtype; ``zero`` is a float offset
+  in weight units, not a code. ``group`` is 32, 64, 128 or 256 and must divide ``K``.
+* On x86 only bfloat16 activations are vectorized (fp32 and fp16 run a scalar loop, slower than
+  the reference), so activations are rounded to bf16 and the fp32 sums come back as bf16.
+
+Our formats store ``W = s * (q - z)`` with fp16 scales and integer zero points, hence
+``scale = bf16(s)`` and ``zero = bf16(bf16(s) * (8 - z))``: ``(q - 8) * scale + zero`` then equals
+``bf16(s) * (q - z)`` up to the zero's bf16 rounding (at most ``2**-9 * 8 * s``, i.e. 1/64 of a
+quantization step). With the bf16 roundings of the activations and of the output, a result
+differs from the fp32 reference by at most ``2**-7 * (|x| @ |W|.T) + 2**-8 * |y|`` (tested), about
+0.3% RMS in practice.
+
+Conversion happens once per layer (:func:`pack_int4_cpu`, at quantize or load time):
+
+* group boundaries: the kernel group is the one of 256/128/64/32 that divides our group size and
+  makes the packed layer smallest, so 576-wide rows with groups of 128 (4 x 128 + a last group of
+  64) run as 9 kernel groups of 64 with each of our scales repeated, and need no padding; where
+  the kernel group does not divide the row, the row is padded with zero columns (the input is
+  padded with zeros too, so the result is unchanged);
+* GPTQ act-order (``g_idx`` not ascending): the columns are permuted once so that each group is
+  contiguous, and each input is permuted the same way per call (as exllama does);
+  a ``g_idx`` whose groups are not each ``group_size`` columns has no such layout (None: the
+  layer keeps its reference path);
+* output rows are padded to a multiple of 16 and the padding is cut from the result.
+
+The packed layer is held beside the method's own tensors (see ``resident_tensors``): about 4.4
+bits per weight for 4-bit codes with groups of 128 (4 for the codes, 32 bits per group and row
+for the bf16 scale and zero).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from qbench.kernels._triton import cdiv
+from qbench.params import QBenchError
+
+KERNEL_PATH = "cpu:int4pack-bf16"
+KERNEL_GROUPS = (256, 128, 64, 32)
+OFFSET = 8  # ATen decodes code q as q - 8
+
+
+@dataclass
+class Int4CpuPack:
+    """One layer in ATen's CPU int4 layout."""
+
+    weight: torch.Tensor  # uint8 [padded_out, padded_in / 2], ATen's layout
+    scales_and_zeros: torch.Tensor  # bf16 [padded_in / group, padded_out, 2]
+    group: int  # kernel group size along the input
+    in_features: int
+    out_features: int
+    perm: torch.Tensor | None = None  # int64 [in_features]: input column order (act-order), or None
+
+    @property
+    def padded_in(self) -> int:
+        return self.weight.shape[1] * 2
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor this layout holds (the memory suite counts them as resident)."""
+        out = {"int4pack_weight": self.weight, "int4pack_scales_and_zeros": self.scales_and_zeros}
+        if self.perm is not None:
+            out["int4pack_perm"] = self.perm
+        return out
+
+
+def _kernel_group(in_features: int, group_size: int, groups: int, out_features: int) -> int | None:
+    """The kernel group that divides our groups (any, for one group per row) and needs the fewest bytes."""
+    best, best_bytes = None, None
+    for group in KERNEL_GROUPS:
+        if groups > 1 and group_size % group:
+            continue
+        padded = cdiv(in_features, group) * group
+        size = out_features * (padded // 2 + padded // group * 4)
+        if best_bytes is None or size < best_bytes:
+            best, best_bytes = group, size
+    return best
+
+
+def column_order(g_idx: torch.Tensor, group_size: int) -> tuple[torch.Tensor | None, bool]:
+    """(permutation making the groups of ``g_idx`` contiguous or None if already so, whether one exists
+    with every group ``group_size`` columns wide but the last)."""
+    K = g_idx.numel()
+    g = g_idx.to(torch.int64).cpu()
+    expected = torch.arange(K) // group_size
+    if torch.equal(g, expected):
+        return None, True
+    perm = torch.argsort(g, stable=True)
+    return perm, bool(torch.equal(g[perm], expected))
+
+
+def pack_int4_cpu(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                  g_idx: torch.Tensor | None = None) -> Int4CpuPack | None:
+    """Convert ``W = scales * (codes - zeros)`` to ATen's CPU int4 layout.
+
+    ``codes``: integers in 0..15, ``[N, K]``; ``scales``/``zeros``: ``[N, G]`` (zero points in code
+    units); column ``k`` is in group ``k // group_size`` (``group_size`` = K for one group per row),
+    or ``g_idx[k]`` when given. Returns None where no exact layout exists (the caller keeps its
+    reference path).
+    """
+    N, K = codes.shape
+    groups = scales.shape[1]
+    if scales.shape != (N, groups) or zeros.shape != (N, groups) or K == 0 or N == 0:
+        raise QBenchError(f"pack_int4_cpu: codes {tuple(codes.shape)}, scales {tuple(scales.shape)} and zeros "
+                          f"{tuple(zeros.shape)} do not describe one layer")
+    group_size = K if groups == 1 else group_size
+    if cdiv(K, group_size) != groups:
+        raise QBenchError(f"pack_int4_cpu: {groups} groups of {group_size} do not cover {K} columns")
+    perm = None
+    if g_idx is not None and groups > 1:
+        perm, ok = column_order(g_idx, group_size)
+        if not ok:
+            return None
+    group = _kernel_group(K, group_size, groups, N)
+    if group is None:
+        return None
+    padded_in, padded_out = cdiv(K, group) * group, cdiv(N, 16) * 16
+    q = codes.to(torch.int32).cpu()
+    if perm is not None:
+        q = q[:, perm]
+    q = F.pad(q, (0, padded_in - K, 0, padded_out - N), value=OFFSET)
+    weight = torch._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
+    scale = scales.float().cpu().to(torch.bfloat16).float()
+    zero = (scale * (OFFSET - zeros.float().cpu())).to(torch.bfloat16).float()
+    # kernel group j spans columns [j*group, (j+1)*group), all inside our group (j*group) // group_size
+    ours = torch.clamp(torch.arange(padded_in // group) * group // group_size, max=groups - 1)
+    pair = torch.stack([scale[:, ours], zero[:, ours]], dim=-1)  # [N, kernel groups, 2]
+    pair = F.pad(pair, (0, 0, 0, 0, 0, padded_out - N))
+    scales_and_zeros = pair.transpose(0, 1).contiguous().to(torch.bfloat16)
+    return Int4CpuPack(weight, scales_and_zeros, group, K, N, perm)
+
+
+def int4_matmul_cpu(x: torch.Tensor, pack: Int4CpuPack, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W.T + bias`` through ATen's CPU int4 kernel (bf16 activations, fp32 sums, bf16 out)."""
+    K, N = pack.in_features, pack.out_features
+    if x.shape[-1] != K:
+        raise QBenchError(f"input has {x.shape[-1]} features, the layer expects {K}")
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, K)
+    if pack.perm is not None:
+        x2d = x2d.index_select(1, pack.perm)
+    xb = x2d.to(torch.bfloat16)
+    if pack.padded_in != K:
+        xb = F.pad(xb, (0, pack.padded_in - K))
+    y = torch._weight_int4pack_mm_for_cpu(xb.contiguous(), pack.weight, pack.group, pack.scales_and_zeros)
+    if y.shape[1] != N:
+        y = y[:, :N]
+    y = y.to(x.dtype)
+    if bias is not None:
+        y = y + bias.to(x.dtype)
+    return y.reshape(*lead, N)
+
+
+def int4_dequant_weight_cpu_reference(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                                      group_size: int, g_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """The fp32 weight ``[N, K]`` ATen's kernel decodes from :func:`pack_int4_cpu` (plain torch):
+    ``(q - 8) * bf16(s) + bf16(bf16(s) * (8 - z))``, one fused multiply-add (exact in float64, then
+    rounded once to fp32)."""
+    N, K = codes.shape
+    if g_idx is None:
+        g = torch.arange(K) // (K if scales.shape[1] == 1 else group_size)
+    else:
+        g = g_idx.to(torch.int64).cpu()
+    scale = scales.float().cpu().to(torch.bfloat16).double()
+    zero = (scale.float() * (OFFSET - zeros.float().cpu())).to(torch.bfloat16).double()
+    return ((codes.double().cpu() - OFFSET) * scale[:, g] + zero[:, g]).float()
+
+
+def int4_matmul_cpu_reference(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                              group_size: int, g_idx: torch.Tensor | None = None,
+                              bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The arithmetic of :func:`int4_matmul_cpu` in plain torch (equal up to the summation order)."""
+    w = int4_dequant_weight_cpu_reference(codes, scales, zeros, group_size, g_idx)
+    y = (x.to(torch.bfloat16).float() @ w.T).to(torch.bfloat16).to(x.dtype)
+    if bias is not None:
+        y = y + bias.to(x.dtype)
+    return y
