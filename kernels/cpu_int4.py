@@ -32,9 +32,13 @@ Conversion happens once per layer (:func:`pack_int4_cpu`, at quantize or load ti
   layer keeps its reference path);
 * output rows are padded to a multiple of 16 and the padding is cut from the result.
 
-The packed layer is held beside the method's own tensors (see ``resident_tensors``): about 4.4
-bits per weight for 4-bit codes with groups of 128 (4 for the codes, 32 bits per group and row
-for the bf16 scale and zero).
+The packed layer holds about 4.3-4.5 bits per weight (4 for the codes, 32 bits per kernel group and
+row for the bf16 scale and zero). It replaces the method's own codes in memory: ATen's layout is a
+fixed interleaving of nibbles per block of 64 (AVX-512; 32 on AVX2 and without vectors) output rows,
+which :func:`unpack_int4_cpu` inverts exactly, so the modules drop their packed codes after the
+conversion and rebuild them only when asked for their stored tensors (saving, the memory suite's
+format bytes). Which interleaving this machine's ATen writes is read once by packing a probe
+(:func:`layout`); where none of the known ones matches, the modules keep both copies.
 """
 from __future__ import annotations
 
@@ -138,6 +142,55 @@ def pack_int4_cpu(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
     pair = F.pad(pair, (0, 0, 0, 0, 0, padded_out - N))
     scales_and_zeros = pair.transpose(0, 1).contiguous().to(torch.bfloat16)
     return Int4CpuPack(weight, scales_and_zeros, group, K, N, perm)
+
+
+# How ATen interleaves rows, by CPU capability: (rows per block, how a full block's bytes pair its rows).
+# "halves": byte j of a block's row-slice holds rows j (low nibble) and j + rows/2 (high nibble);
+# "pairs": rows 2j and 2j + 1. A last, partial block always pairs (aten/src/ATen/native/cpu/int4mm_kernel.cpp).
+LAYOUTS = {"avx512": (64, "halves"), "avx2": (32, "halves"), "plain": (32, "pairs")}
+_LAYOUT: list[str | None] = []  # probed once
+
+
+def _unpack_as(weight: torch.Tensor, block: int, style: str) -> torch.Tensor:
+    """int32 codes [padded_out, padded_in] from ATen's bytes, read with one of :data:`LAYOUTS`."""
+    rows, half = weight.shape
+    cols = 2 * half
+    flat = weight.reshape(-1)
+    full = rows // block
+    parts = []
+    if full:
+        b = flat[:full * block * half].view(full, cols, block // 2).to(torch.int32)
+        lo, hi = b & 15, b >> 4
+        joined = torch.cat([lo, hi], dim=2) if style == "halves" else torch.stack([lo, hi], dim=3).flatten(2)
+        parts.append(joined.permute(0, 2, 1).reshape(full * block, cols))
+    rest = rows - full * block
+    if rest:
+        b = flat[full * block * half:].view(cols, rest // 2).to(torch.int32)
+        parts.append(torch.stack([b & 15, b >> 4], dim=2).flatten(1).T)
+    return torch.cat(parts)
+
+
+def layout() -> str | None:
+    """The key of :data:`LAYOUTS` that ATen's converter writes on this machine, or None."""
+    if not _LAYOUT:
+        probe = torch.randint(0, 16, (64 + 48, 8), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+        packed = torch._convert_weight_to_int4pack_for_cpu(probe, 1)
+        found = [name for name, (block, style) in LAYOUTS.items() if torch.equal(_unpack_as(packed, block, style), probe)]
+        _LAYOUT.append(found[0] if found else None)
+    return _LAYOUT[0]
+
+
+def unpack_int4_cpu(pack: Int4CpuPack) -> torch.Tensor:
+    """The codes ``[N, K]`` (int32, our column order) that :func:`pack_int4_cpu` converted: exact."""
+    name = layout()
+    if name is None:
+        raise QBenchError("unpack_int4_cpu: ATen's int4 layout on this machine is not one this module can read")
+    codes = _unpack_as(pack.weight, *LAYOUTS[name])[:pack.out_features, :pack.in_features]
+    if pack.perm is None:
+        return codes.contiguous()
+    ours = torch.empty_like(codes)
+    ours[:, pack.perm] = codes
+    return ours
 
 
 def int4_matmul_cpu(x: torch.Tensor, pack: Int4CpuPack, bias: torch.Tensor | None = None) -> torch.Tensor:

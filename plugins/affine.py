@@ -19,9 +19,11 @@ Stored per layer (every byte counts in the memory suite):
 
 On CUDA the layer runs the fused dequantize-matmul (GEMV for batch 1, GEMM otherwise). On CPU a
 4-bit layer is converted once (at quantize / load time) to ATen's int4 layout and runs
-``torch._weight_int4pack_mm_for_cpu`` (bf16 activations; :mod:`qbench.kernels.cpu_int4`), holding
-that layout beside the stored tensors (``runtime_tensors``); other widths and
-``QBENCH_CPU_KERNEL=reference`` run the torch reference. ``kernel_path`` records which ran.
+``torch._weight_int4pack_mm_for_cpu`` (bf16 activations; :mod:`qbench.kernels.cpu_int4`). That
+layout (``runtime_tensors``) then holds the codes: the ``codes`` buffer is dropped and rebuilt
+exactly from it when ``stored_tensors()`` is asked for (saving, format bytes) or the reference
+runs. Other widths and ``QBENCH_CPU_KERNEL=reference`` run the torch reference. ``kernel_path``
+records which ran.
 """
 from __future__ import annotations
 
@@ -80,7 +82,7 @@ class AffineLinear(QuantizedLinear):
                    affine.pack_codes(codes, bits), scales, packed_zeros, bias)
 
     def dequantized_weight(self) -> torch.Tensor:
-        return affine_dequant_weight_reference(self.codes, self.scales, self.zeros, self.bits, self.group_size,
+        return affine_dequant_weight_reference(self._codes(), self.scales, self.zeros, self.bits, self.group_size,
                                                self.in_features, self.sym)
 
     def _cpu_int4(self) -> cpu_int4.Int4CpuPack | None:
@@ -94,16 +96,32 @@ class AffineLinear(QuantizedLinear):
                          unpack_codes(self.zeros, 4, groups))
                 size = affine.effective_group_size(self.in_features, self.group_size)
                 self._cpu_pack = cpu_int4.pack_int4_cpu(codes, self.scales, zeros, size) or False
+                if self._cpu_pack and cpu_int4.layout() is not None:
+                    self.codes = None  # held once, in the kernel's layout; _codes() rebuilds them
         return self._cpu_pack or None
+
+    def _codes(self) -> torch.Tensor:
+        """The stored (densely packed) codes, rebuilt from the CPU kernel's layout where only that is held."""
+        if self.codes is not None:
+            return self.codes
+        return affine.pack_codes(cpu_int4.unpack_int4_cpu(self._cpu_pack), 4)
 
     def runtime_tensors(self) -> dict[str, torch.Tensor]:
         return self._cpu_pack.tensors() if self._cpu_pack else {}
 
+    def resident_tensors(self) -> dict[str, torch.Tensor]:
+        held = {name: t for name, t in self._buffers.items() if t is not None}
+        return {**held, **self.runtime_tensors()}
+
     def _apply(self, fn, recurse=True):
+        if self.codes is None:
+            self.codes = self._codes()
         self._cpu_pack = None  # moved or cast: rebuilt from the stored tensors where needed
         return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.codes is None and not use_cpu_kernel(x):  # the reference needs the stored codes back
+            self.codes = self._codes()
         args = (x, self.codes, self.scales, self.zeros, self.bits, self.group_size, self.in_features, self.bias)
         if use_triton_in_module(x):
             self.kernel_path = "triton"
@@ -116,7 +134,7 @@ class AffineLinear(QuantizedLinear):
         return affine_weight_matmul_reference(*args)
 
     def stored_tensors(self) -> dict[str, torch.Tensor]:
-        tensors = {"codes": self.codes, "scales": self.scales}
+        tensors = {"codes": self._codes(), "scales": self.scales}
         if self.zeros is not None:
             tensors["zeros"] = self.zeros
         if self.bias is not None:

@@ -4,8 +4,9 @@ Quantized layers are :class:`GPTQLinear` modules that hold exactly the checkpoin
 share (``qweight``, ``qzeros``, ``scales``, ``g_idx``, optional ``bias``); they run the fused Triton
 dequantize-matmul on CUDA. On CPU a 4-bit layer is converted once (at quantize / load time) to ATen's
 int4 layout, act-order columns permuted into contiguous groups, and runs
-``torch._weight_int4pack_mm_for_cpu`` (:mod:`qbench.kernels.cpu_int4`); other widths and
-``QBENCH_CPU_KERNEL=reference`` run the torch reference. :func:`save_gptq_checkpoint` and
+``torch._weight_int4pack_mm_for_cpu`` (:mod:`qbench.kernels.cpu_int4`); that layout then holds the
+codes (``qweight`` is rebuilt from it exactly for ``stored_tensors()``, ``state_dict()`` and the
+reference). Other widths and ``QBENCH_CPU_KERNEL=reference`` run the torch reference. :func:`save_gptq_checkpoint` and
 :func:`load_gptq_checkpoint` write and read GPTQModel/AutoGPTQ-style checkpoint directories
 (``model.safetensors`` + ``config.json`` with ``quantization_config`` + ``quantize_config.json``).
 """
@@ -25,7 +26,7 @@ from qbench.kernels._cpu import cpu_kernels_wanted, use_cpu_kernel
 from qbench.kernels._triton import use_triton_in_module
 from qbench.kernels.gptq_matmul import gptq_matmul, gptq_matmul_reference
 from qbench.kernels.gptq_pack import (CHECKPOINT_FORMATS, SUPPORTED_BITS, dequantize_gptq, pack_gptq, pack_qzeros,
-                                      packed_rows, unpack_qweight, unpack_qzeros)
+                                      pack_qweight, packed_rows, unpack_qweight, unpack_qzeros)
 from qbench.plugins.gptq_algorithm import LayerQuantization, gptq_quantize_blocks
 from qbench import hookimpl
 from qbench.method import Method, QuantizedLinear, quantizable_linears, quantized_modules, set_submodule
@@ -97,7 +98,7 @@ class GPTQLinear(QuantizedLinear):
 
     def dequantized_weight(self) -> torch.Tensor:
         """The weight as an fp32 ``[out, in]`` matrix (what the matmul computes with)."""
-        return dequantize_gptq(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.zero_offset).t()
+        return dequantize_gptq(self._qweight(), self.qzeros, self.scales, self.g_idx, self.bits, self.zero_offset).t()
 
     def _cpu_int4(self) -> cpu_int4.Int4CpuPack | None:
         """ATen's int4 layout of this layer (4 bits, on CPU), built on first need; None where there is none
@@ -109,16 +110,38 @@ class GPTQLinear(QuantizedLinear):
                 zeros = unpack_qzeros(self.qzeros, 4, self.out_features, self.zero_offset).t()
                 size = self.in_features if self.group_size == -1 else self.group_size
                 self._cpu_pack = cpu_int4.pack_int4_cpu(codes, self.scales.t(), zeros, size, self.g_idx) or False
+                # held once, in the kernel's layout (_qweight() rebuilds it), where the rebuild is exact
+                if self._cpu_pack and cpu_int4.layout() is not None and self.in_features % 8 == 0:
+                    self.qweight = None
         return self._cpu_pack or None
+
+    def _qweight(self) -> torch.Tensor:
+        """The stored ``qweight``, rebuilt from the CPU kernel's layout where only that is held."""
+        if self.qweight is not None:
+            return self.qweight
+        return pack_qweight(cpu_int4.unpack_int4_cpu(self._cpu_pack).t(), 4)
 
     def runtime_tensors(self) -> dict[str, torch.Tensor]:
         return self._cpu_pack.tensors() if self._cpu_pack else {}
 
+    def resident_tensors(self) -> dict[str, torch.Tensor]:
+        held = {name: t for name, t in self._buffers.items() if t is not None}
+        return {**held, **self.runtime_tensors()}
+
     def _apply(self, fn, recurse=True):
+        if self.qweight is None:
+            self.qweight = self._qweight()
         self._cpu_pack = None  # moved or cast: rebuilt from the stored tensors where needed
         return super()._apply(fn, recurse)
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.qweight is None:  # checkpoints carry the GPTQ layout, whatever this process holds
+            destination[prefix + "qweight"] = self._qweight()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.qweight is None and not use_cpu_kernel(x):  # the reference needs the stored qweight back
+            self.qweight = self._qweight()
         args = (x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.bias, self.zero_offset)
         if use_triton_in_module(x):
             self.kernel_path = "triton"
@@ -131,7 +154,7 @@ class GPTQLinear(QuantizedLinear):
         return gptq_matmul_reference(*args)
 
     def stored_tensors(self) -> dict[str, torch.Tensor]:
-        tensors = {"qweight": self.qweight, "qzeros": self.qzeros, "scales": self.scales, "g_idx": self.g_idx}
+        tensors = {"qweight": self._qweight(), "qzeros": self.qzeros, "scales": self.scales, "g_idx": self.g_idx}
         if self.bias is not None:
             tensors["bias"] = self.bias
         return tensors
@@ -156,7 +179,7 @@ class GPTQLinear(QuantizedLinear):
             raise QBenchError("gptq checkpoint: a v1 zero point of 2**bits cannot be written in the gptq_v2 format")
         qzeros = pack_qzeros(zeros, self.bits, 0)
         return GPTQLinear(self.in_features, self.out_features, self.bits, self.group_size, self.sym, self.desc_act,
-                          self.qweight, qzeros, self.scales, self.g_idx, self.bias, "gptq_v2")
+                          self._qweight(), qzeros, self.scales, self.g_idx, self.bias, "gptq_v2")
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, bits={self.bits}, group_size={self.group_size}, sym={self.sym}, "

@@ -73,7 +73,7 @@ class QuantizedLinear(nn.Module):
     weights, scales, zero points, code books, bias) and JSON-able settings in :meth:`config`,
     so the memory suite counts every byte and the cache can rebuild the module with
     :meth:`from_stored`. A layer may also hold :meth:`runtime_tensors` (a kernel's own layout,
-    rebuilt at load time), counted as resident. ``kernel_path`` records which implementation ran
+    rebuilt at load time); :meth:`resident_tensors` is what it holds in memory. ``kernel_path`` records which implementation ran
     last ("triton", "reference", or a CPU kernel such as "cpu:int4pack-bf16").
     """
 
@@ -95,15 +95,18 @@ class QuantizedLinear(nn.Module):
         return sum(t.numel() * t.element_size() for t in self.stored_tensors().values())
 
     def runtime_tensors(self) -> dict[str, torch.Tensor]:
-        """Tensors held beside :meth:`stored_tensors` only to run faster (a CPU kernel's own layout of
-        the weight, built from the stored tensors at load time, never saved). The memory suite counts
-        them as resident."""
+        """Tensors held only to run faster (a CPU kernel's own layout of the weight, built from the
+        stored tensors at load time, never saved)."""
         return {}
 
+    def resident_tensors(self) -> dict[str, torch.Tensor]:
+        """What the layer holds in memory (the memory suite counts these): its stored tensors and its
+        runtime tensors. A layer whose runtime layout replaces some stored tensors (rebuilt from it
+        when :meth:`stored_tensors` is called) lists only what it holds."""
+        return {**self.stored_tensors(), **self.runtime_tensors()}
+
     def resident_bytes(self) -> int:
-        """Bytes this layer holds in memory: stored plus runtime tensors."""
-        tensors = [*self.stored_tensors().values(), *self.runtime_tensors().values()]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in self.resident_tensors().values())
 
     @property
     def weight_count(self) -> int:

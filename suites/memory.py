@@ -4,8 +4,8 @@
   codes, scales, zero points, code books, bias) — exact, not estimated;
 * bits per weight of those layers, and bytes per weight beside the seeds' table
   (FP32 4, FP16 2, INT8 1, 4-bit ≈ 0.5 bytes per parameter);
-* resident bytes of those layers: stored plus ``runtime_tensors()`` (a CPU kernel's own layout of
-  the weight, built at load time and held beside the stored format);
+* resident bytes of those layers: what they hold in memory (``resident_tensors()``), which differs
+  from the stored format where a CPU kernel's own layout of the weight, built at load time, holds it;
 * whole-model bytes: every parameter and buffer held, kernel layouts included (tied tensors once);
 * peak memory of one forward pass: CUDA max allocated on a GPU, process peak RSS (VmHWM, reset
   through /proc/self/clear_refs) on CPU.
@@ -34,8 +34,7 @@ def model_bytes(model: torch.nn.Module) -> int:
         if id(module) in inside:
             continue
         if isinstance(module, QuantizedLinear):
-            tensors.extend(module.stored_tensors().values())
-            tensors.extend(module.runtime_tensors().values())  # a kernel's own layout, held beside them
+            tensors.extend(module.resident_tensors().values())  # stored format and/or a kernel's own layout
             inside.update(id(m) for m in module.modules())
             continue
         tensors.extend(module.parameters(recurse=False))
@@ -51,7 +50,7 @@ def model_bytes(model: torch.nn.Module) -> int:
 
 def quantized_layer_bytes(model: torch.nn.Module, resident: bool = False) -> tuple[int, int]:
     """(bytes stored, weights represented) over the decoder linears, quantized or not; with
-    ``resident``, the bytes held in memory instead (stored plus any kernel layout held beside)."""
+    ``resident``, the bytes held in memory instead (``resident_tensors()``: a CPU kernel's layout)."""
     stored = weights = 0
     for _, q in quantized_modules(model):
         stored += q.resident_bytes() if resident else q.storage_bytes()
@@ -107,8 +106,9 @@ class MemorySuite(Suite):
             "model_bytes_per_param": Metric(round(total / ctx.model_info["params"], 5), "bytes"),
         }
         if resident != stored:
-            ctx.notes.append("resident layer bytes include the weights in a CPU kernel's own layout, built at load "
-                             "time and held beside the stored format (bits per weight counts the stored format)")
+            ctx.notes.append("resident layers: what the quantized layers hold in memory, which differs from the "
+                             "stored format (bits/weight) where a CPU kernel's own layout of the weights, built at "
+                             "load time, holds them")
         nominal = getattr(ctx.method, "nominal_bits", None)
         if nominal in SEED_BYTES_PER_PARAM:
             claim = SEED_BYTES_PER_PARAM[nominal]

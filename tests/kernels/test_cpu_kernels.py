@@ -286,33 +286,47 @@ def test_modules_record_their_path_and_the_oracle_is_one_variable_away(tiny_mode
         assert (fast - oracle).abs().max() <= 0.02 * oracle.abs().max()
 
 
-def test_int4_layout_is_built_at_load_time_and_counted_as_resident(tiny_model, monkeypatch):
+def test_int4_layout_replaces_the_codes_at_load_time_and_is_what_the_memory_suite_counts(tiny_model, monkeypatch):
     from qbench.plugins.affine import AffineLinear
     from suites.memory import model_bytes, quantized_layer_bytes
 
+    monkeypatch.setenv(CPU_KERNEL_ENV, "reference")
+    oracle = _method_model(tiny_model, "affine", {"bits": 4, "group_size": 32})
+    monkeypatch.setenv(CPU_KERNEL_ENV, "auto")
     model = _method_model(tiny_model, "affine", {"bits": 4, "group_size": 32})
-    layers = dict(quantized_modules(model))
+    layers, oracle_layers = dict(quantized_modules(model)), dict(quantized_modules(oracle))
     layer = layers["model.layers.0.mlp.down_proj"]  # 64 x 176: 176 = 5 x 32 + 16, padded to 192 columns
+    reference_layer = oracle_layers["model.layers.0.mlp.down_proj"]
     held = layer.runtime_tensors()
     assert set(held) == {"int4pack_weight", "int4pack_scales_and_zeros"}
     assert held["int4pack_weight"].shape == (64, 96) and held["int4pack_scales_and_zeros"].shape == (6, 64, 2)
-    assert layer.resident_bytes() == layer.storage_bytes() + 64 * 96 + 6 * 64 * 2 * 2
-    stored, _ = quantized_layer_bytes(model)
+    # the kernel's layout holds the codes: the stored buffer is gone, rebuilt exactly on request
+    assert layer.codes is None and reference_layer.codes is not None and reference_layer.runtime_tensors() == {}
+    for name, tensor in reference_layer.stored_tensors().items():
+        assert torch.equal(layer.stored_tensors()[name], tensor)
+    assert layer.storage_bytes() == reference_layer.storage_bytes()
+    codes_bytes = reference_layer.codes.numel()
+    assert layer.resident_bytes() == layer.storage_bytes() - codes_bytes + 64 * 96 + 6 * 64 * 2 * 2
+    assert reference_layer.resident_bytes() == reference_layer.storage_bytes()
     resident, _ = quantized_layer_bytes(model, resident=True)
-    assert resident == stored + sum(sum(t.numel() * t.element_size() for t in m.runtime_tensors().values())
-                                    for m in layers.values())
-    assert model_bytes(model) > resident
+    assert resident == sum(m.resident_bytes() for m in layers.values()) != quantized_layer_bytes(model)[0]
+    assert model_bytes(model) - model_bytes(oracle) == resident - quantized_layer_bytes(oracle, resident=True)[0]
     # rebuilt from the stored tensors (as the cache loads it): the same layout, before any forward
     clone = AffineLinear.from_stored(layer.stored_tensors(), layer.config())
     assert torch.equal(clone.runtime_tensors()["int4pack_weight"], held["int4pack_weight"])
-    # with the reference forced at load time nothing extra is held until a CPU-kernel forward needs it
-    monkeypatch.setenv(CPU_KERNEL_ENV, "reference")
-    lazy = AffineLinear.from_stored(layer.stored_tensors(), layer.config())
-    assert lazy.runtime_tensors() == {} and lazy.resident_bytes() == lazy.storage_bytes()
-    monkeypatch.setenv(CPU_KERNEL_ENV, "auto")
+    # switching to the reference brings the stored codes back (both held then, and counted)
+    x = torch.randn(2, 176, generator=_gen())
     with torch.no_grad():
-        lazy(torch.randn(1, 176))
-    assert lazy.kernel_path == "cpu:int4pack-bf16" and set(lazy.runtime_tensors()) == set(held)
+        fast = clone(x)
+        monkeypatch.setenv(CPU_KERNEL_ENV, "reference")
+        assert torch.equal(clone(x), reference_layer(x)) and clone.codes is not None
+    assert clone.resident_bytes() == clone.storage_bytes() + 64 * 96 + 6 * 64 * 2 * 2
+    assert ((fast - reference_layer(x)).abs() <= _bf16_bound(x, reference_layer.dequantized_weight(), fast)).all()
+    # moved or cast: the stored codes come back first, the layout is rebuilt where a CPU forward needs it
+    monkeypatch.setenv(CPU_KERNEL_ENV, "auto")
+    moved = copy.deepcopy(layer).float()
+    assert moved.codes is not None and moved.runtime_tensors() == {}
+    assert torch.equal(moved.codes, reference_layer.codes)
 
 
 def test_gptq_act_order_module_runs_the_int4_kernel(monkeypatch):
@@ -323,8 +337,12 @@ def test_gptq_act_order_module_runs_the_int4_kernel(monkeypatch):
     codes = torch.randint(0, 16, (K, N), generator=_gen(1))
     scales = torch.rand(K // gs, N, generator=_gen(2)).half() + 0.05
     zeros = torch.randint(1, 16, (K // gs, N), generator=_gen(3))
-    layer = GPTQLinear(K, N, 4, gs, False, True, **pack_gptq(codes, scales, zeros, g_idx, 4))
+    packed = pack_gptq(codes, scales, zeros, g_idx, 4)
+    layer = GPTQLinear(K, N, 4, gs, False, True, **packed)
     assert set(layer.runtime_tensors()) == {"int4pack_weight", "int4pack_scales_and_zeros", "int4pack_perm"}
+    assert layer.qweight is None  # held in the kernel's layout; checkpoints still get the GPTQ one, exactly
+    assert torch.equal(layer.stored_tensors()["qweight"], packed["qweight"])
+    assert torch.equal(layer.state_dict()["qweight"], packed["qweight"])
     x = torch.randn(3, K, generator=_gen(4))
     with torch.no_grad():
         y = layer(x)

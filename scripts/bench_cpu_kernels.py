@@ -1,0 +1,186 @@
+"""Interleaved CPU micro-benchmark: each method's quantized layer, as the model runs it, against the
+fp16 and fp32 baselines, on the demo model's layer shapes.
+
+    python scripts/bench_cpu_kernels.py [--rows 1,128] [--passes 15] [--threads 2] [--working-set-mb 128]
+                                        [--reference] [--markdown FILE]
+
+Every case is a real module (``FloatLinear`` fp16/fp32, ``Int8AbsmaxLinear``, ``AffineLinear``,
+``GPTQLinear``, ``NF4Linear``) built from the same random ``nn.Linear`` and called as the model calls
+it, so what is timed includes the module's own overhead (input casts, permutation, padding). Each case
+holds as many copies of its layer as make ``--working-set-mb`` of fp16 weights (the demo model's decoder
+linears hold 202 MiB in fp16), and one timed pass calls every copy once: weights come from memory, as in
+a forward pass, not from a warm cache. Passes alternate case by case (A B C ... A B C ...), so load from
+other processes falls on every case alike; a case's time per call is the median over passes, and its
+speed-up the median over passes of (baseline time / its time) within the same round.
+
+``--reference`` adds each method's torch reference path (``QBENCH_CPU_KERNEL=reference``; slow).
+The last table weighs the shapes as one decoder layer of the demo model has them (q, o: 576x576;
+k, v: 192x576; gate, up: 1536x576; down: 576x1536): the decoder linears' share of a decode step.
+Prints Markdown (and writes it to ``--markdown``); says which machine, threads and versions produced it.
+Speed depends on what else runs on the machine: compare ratios, not times, across machines.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+# out_features x in_features, and how many of each one decoder layer of the demo model has
+SHAPES = {(576, 576): 2, (192, 576): 2, (1536, 576): 2, (576, 1536): 1}
+
+
+def _gptq_layer(linear: nn.Linear, act_order: bool):
+    """A GPTQLinear holding the symmetric RTN codes of ``linear`` (speed does not depend on how the codes
+    were chosen); with ``act_order`` the columns' groups follow a random permutation (``g_idx``), which
+    the CPU path undoes by permuting each input."""
+    from qbench.kernels import affine
+    from qbench.kernels.gptq_pack import pack_gptq
+    from qbench.plugins.gptq import GPTQLinear
+
+    out_features, in_features = linear.weight.shape
+    codes, scales, zeros = affine.quantize_reference(linear.weight.detach(), 4, 128, True)
+    g_idx = torch.arange(in_features) // 128
+    if act_order:
+        order = torch.randperm(in_features, generator=torch.Generator().manual_seed(0))
+        g_idx = torch.empty_like(g_idx)
+        g_idx[order] = torch.arange(in_features) // 128
+    packed = pack_gptq(codes.t(), scales.t(), zeros.t(), g_idx.to(torch.int32), 4, "gptq")
+    return GPTQLinear(in_features, out_features, 4, 128, True, act_order, **packed)
+
+
+def build_cases(linear: nn.Linear, reference: bool) -> dict:
+    """name -> (factory of one module, kernel mode)."""
+    from qbench.plugins.affine import AffineLinear
+    from qbench.plugins.baseline import FloatLinear
+    from qbench.plugins.int8_absmax import Int8AbsmaxLinear
+    from qbench.plugins.nf4 import NF4Linear
+
+    w = linear.weight.detach()
+    cases = {
+        "fp16": (lambda: FloatLinear(w.half(), None), "auto"),
+        "fp32": (lambda: FloatLinear(w.float().clone(), None), "auto"),
+        "int8-absmax": (lambda: Int8AbsmaxLinear.from_linear(linear, "channel", 64, "none"), "auto"),
+        "int8-absmax:activations=dynamic": (lambda: Int8AbsmaxLinear.from_linear(linear, "channel", 64, "dynamic"),
+                                            "auto"),
+        "affine (4-bit, g128)": (lambda: AffineLinear.from_linear(linear, 4, 128, False), "auto"),
+        "gptq (4-bit, g128)": (lambda: _gptq_layer(linear, False), "auto"),
+        "gptq (4-bit, g128, act_order)": (lambda: _gptq_layer(linear, True), "auto"),
+        "nf4": (lambda: NF4Linear.from_linear(linear), "auto"),
+    }
+    if reference:
+        for name in [n for n in cases if not n.startswith("fp")]:
+            cases[f"{name} [reference]"] = (cases[name][0], "reference")
+    return cases
+
+
+def _copies(factory, mode: str, count: int) -> list[nn.Module]:
+    os.environ["QBENCH_CPU_KERNEL"] = mode
+    first = factory()
+    modules = [first]
+    for _ in range(count - 1):  # rebuilt from the stored tensors, as the cache loads a layer
+        stored = {k: v.clone() for k, v in first.stored_tensors().items()}
+        modules.append(type(first).from_stored(stored, first.config()))
+    return modules
+
+
+def measure(shape: tuple[int, int], rows: int, passes: int, working_set_mb: float, reference: bool) -> list[dict]:
+    out_features, in_features = shape
+    torch.manual_seed(0)
+    linear = nn.Linear(in_features, out_features, bias=False)
+    count = max(1, int(working_set_mb * 2**20 // (out_features * in_features * 2)))
+    cases = build_cases(linear, reference)
+    built = {name: (_copies(factory, mode, count), mode) for name, (factory, mode) in cases.items()}
+    x = torch.randn(rows, in_features)
+    times: dict[str, list[float]] = {name: [] for name in built}
+    paths: dict[str, str] = {}
+    with torch.inference_mode():
+        for round_ in range(passes + 1):  # the first round warms up and is not kept
+            for name, (modules, mode) in built.items():
+                os.environ["QBENCH_CPU_KERNEL"] = mode
+                start = time.perf_counter()
+                for module in modules:
+                    module(x)
+                elapsed = (time.perf_counter() - start) / len(modules)
+                if round_:
+                    times[name].append(elapsed)
+                paths[name] = getattr(modules[0], "kernel_path", "?")
+    os.environ.pop("QBENCH_CPU_KERNEL", None)
+    results = []
+    for name, series in times.items():
+        results.append({
+            "shape": f"{out_features}x{in_features}", "rows": rows, "case": name, "path": paths[name],
+            "us": 1e6 * statistics.median(series),
+            "vs_fp16": statistics.median(a / b for a, b in zip(times["fp16"], series)),
+            "vs_fp32": statistics.median(a / b for a, b in zip(times["fp32"], series)),
+            "copies": count, "series": series,
+        })
+    return results
+
+
+def _header(args) -> list[str]:
+    from qbench.kernels import cpu_nf4
+    from qbench.records import _cpu_name, git_commit
+
+    git = git_commit()
+    lines = [f"- command: `python scripts/bench_cpu_kernels.py {' '.join(sys.argv[1:])}`".rstrip(),
+             f"- machine: {_cpu_name()}, {os.cpu_count()} CPUs, torch threads "
+             f"{torch.get_num_threads()}, CPU capability {torch.backends.cpu.get_cpu_capability()}, load average "
+             f"{os.getloadavg()[0]:.1f} at the start",
+             f"- versions: python {platform.python_version()}, torch {torch.__version__}; qbench commit "
+             f"{str(git.get('commit', '?'))[:10]}{' (dirty)' if git.get('dirty') else ''}",
+             f"- NF4 kernel: {cpu_nf4.kernel_path() if cpu_nf4.library() is not None else cpu_nf4.build_error()}",
+             f"- {args.passes} interleaved passes per shape; each pass calls every copy once "
+             f"({args.working_set_mb:g} MiB of fp16 weights per case)"]
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", default="1,128", help="input rows per call (1 = decode; 128 = a 128-token prefill)")
+    parser.add_argument("--passes", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--working-set-mb", type=float, default=128.0)
+    parser.add_argument("--shapes", default=None, help="e.g. 576x576,1536x576 (default: the demo model's four)")
+    parser.add_argument("--reference", action="store_true", help="also time each method's torch reference path")
+    parser.add_argument("--markdown", default=None, help="also write the tables to this file")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shapes = SHAPES if not args.shapes else {tuple(int(v) for v in s.split("x")): 1 for s in args.shapes.split(",")}
+    lines = _header(args)
+    summary: dict[tuple[int, str], dict[str, float]] = {}
+    for rows in [int(r) for r in args.rows.split(",")]:
+        lines += ["", f"### {rows} input row{'s' if rows > 1 else ''}", "",
+                  "| shape (out x in) | case | kernel path | µs per call | vs fp16 | vs fp32 |",
+                  "|---|---|---|---:|---:|---:|"]
+        for shape, per_layer in shapes.items():
+            for r in measure(shape, rows, args.passes, args.working_set_mb, args.reference):
+                lines.append(f"| {r['shape']} | {r['case']} | {r['path']} | {r['us']:.1f} | {r['vs_fp16']:.2f} | "
+                             f"{r['vs_fp32']:.2f} |")
+                print(lines[-1], file=sys.stderr, flush=True)  # progress
+                acc = summary.setdefault((rows, r["case"]), {"us": 0.0, "fp16": 0.0, "fp32": 0.0})
+                acc["us"] += per_layer * r["us"]
+                acc["fp16"] += per_layer * r["us"] * r["vs_fp16"]  # the fp16 time of the same rounds
+                acc["fp32"] += per_layer * r["us"] * r["vs_fp32"]
+    if not args.shapes:
+        lines += ["", "### One decoder layer of the demo model (its 7 linears, weighted by the table above)", "",
+                  "| input rows | case | µs per layer | vs fp16 | vs fp32 |", "|---:|---|---:|---:|---:|"]
+        for (rows, case), acc in summary.items():
+            lines.append(f"| {rows} | {case} | {acc['us']:.0f} | {acc['fp16'] / acc['us']:.2f} | "
+                         f"{acc['fp32'] / acc['us']:.2f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
