@@ -42,11 +42,14 @@ format bytes). Which interleaving this machine's ATen writes is read once by pac
 """
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from qbench.kernels import _cpu_cc
+from qbench.kernels._cpu import bf16_gemm_fast
 from qbench.kernels._triton import cdiv
 from qbench.params import QBenchError
 
@@ -175,7 +178,8 @@ def layout() -> str | None:
     if not _LAYOUT:
         probe = torch.randint(0, 16, (64 + 48, 8), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
         packed = torch._convert_weight_to_int4pack_for_cpu(probe, 1)
-        found = [name for name, (block, style) in LAYOUTS.items() if torch.equal(_unpack_as(packed, block, style), probe)]
+        found = [name for name, (block, style) in LAYOUTS.items()
+                 if torch.equal(_unpack_as(packed, block, style), probe)]
         _LAYOUT.append(found[0] if found else None)
     return _LAYOUT[0]
 
@@ -193,8 +197,80 @@ def unpack_int4_cpu(pack: Int4CpuPack) -> torch.Tensor:
     return ours
 
 
+# Decoding the layer for oneDNN's bf16 GEMM (compute-bound prefill): C, one pass over ATen's bytes,
+# the kernel's own arithmetic ((q - 8) * scale + zero, one fp32 FMA), rounded to bf16 (nearest even),
+# written transposed ([padded_in, padded_out]) so that each row-slice of a block is one contiguous run.
+_SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+
+static inline float from_bf16(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline uint16_t to_bf16(float f) {
+    uint32_t u; memcpy(&u, &f, 4);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+void qbench_int4pack_decode(const uint8_t* packed, int64_t N, int64_t K, int64_t block, int halves,
+                            const uint16_t* scales_and_zeros, int64_t group, uint16_t* out, int threads) {
+    const int64_t blocks = (N + block - 1) / block;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t nb = 0; nb < blocks; nb++) {
+        const int64_t n0 = nb * block, rows = N - n0 < block ? N - n0 : block, half = rows / 2;
+        const int split = halves && rows == block;  /* a last, partial block pairs its rows */
+        const uint8_t* src = packed + n0 * (K / 2);
+        for (int64_t k = 0; k < K; k++) {
+            const uint8_t* bytes = src + k * half;
+            const uint16_t* sz = scales_and_zeros + (k / group) * N * 2 + n0 * 2;
+            uint16_t* dst = out + k * N + n0;
+            for (int64_t j = 0; j < half; j++) {
+                const int64_t lo = split ? j : 2 * j, hi = split ? j + half : 2 * j + 1;
+                dst[lo] = to_bf16(fmaf((float)(bytes[j] & 15) - 8.f, from_bf16(sz[2 * lo]), from_bf16(sz[2 * lo + 1])));
+                dst[hi] = to_bf16(fmaf((float)(bytes[j] >> 4) - 8.f, from_bf16(sz[2 * hi]), from_bf16(sz[2 * hi + 1])));
+            }
+        }
+    }
+}
+"""
+LIBRARY = "qbench_int4"
+BF16_GEMM_PATH = "cpu:int4-bf16gemm"
+BF16_GEMM_MIN_ROWS = 256  # below, ATen's kernel is faster than decode + bf16 GEMM (scripts/bench_cpu_kernels.py)
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.qbench_int4pack_decode.argtypes = [ptr, i64, i64, i64, ctypes.c_int, ptr, i64, ptr, ctypes.c_int]
+    lib.qbench_int4pack_decode.restype = None
+
+
+def _decoder() -> ctypes.CDLL | None:
+    return _cpu_cc.build(LIBRARY, _SOURCE, _declare) if layout() is not None else None
+
+
+def kernel_path(rows: int) -> str:
+    """What :func:`int4_matmul_cpu` runs for ``rows`` input rows."""
+    if rows >= BF16_GEMM_MIN_ROWS and bf16_gemm_fast() and _decoder() is not None:
+        return BF16_GEMM_PATH
+    return KERNEL_PATH
+
+
+def decode_bf16_t(pack: Int4CpuPack) -> torch.Tensor:
+    """The weight ATen's kernel computes with, rounded to bf16, transposed: ``[padded_in, padded_out]``."""
+    lib = _decoder()
+    if lib is None:
+        raise QBenchError("int4 decode: the C kernel did not build or ATen's layout is unknown here; "
+                          "use the int4 kernel")
+    rows, padded_in = pack.weight.shape[0], pack.padded_in
+    block, style = LAYOUTS[layout()]
+    out = torch.empty(padded_in, rows, dtype=torch.bfloat16)
+    lib.qbench_int4pack_decode(pack.weight.data_ptr(), rows, padded_in, block, style == "halves",
+                               pack.scales_and_zeros.data_ptr(), pack.group, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
 def int4_matmul_cpu(x: torch.Tensor, pack: Int4CpuPack, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ W.T + bias`` through ATen's CPU int4 kernel (bf16 activations, fp32 sums, bf16 out)."""
+    """``x @ W.T + bias`` with bf16 activations and fp32 sums rounded to bf16: ATen's int4 kernel, or for
+    many rows (:func:`kernel_path`) the weight decoded to bf16 once and oneDNN's bf16 GEMM."""
     K, N = pack.in_features, pack.out_features
     if x.shape[-1] != K:
         raise QBenchError(f"input has {x.shape[-1]} features, the layer expects {K}")
@@ -205,7 +281,10 @@ def int4_matmul_cpu(x: torch.Tensor, pack: Int4CpuPack, bias: torch.Tensor | Non
     xb = x2d.to(torch.bfloat16)
     if pack.padded_in != K:
         xb = F.pad(xb, (0, pack.padded_in - K))
-    y = torch._weight_int4pack_mm_for_cpu(xb.contiguous(), pack.weight, pack.group, pack.scales_and_zeros)
+    if kernel_path(xb.shape[0]) == BF16_GEMM_PATH:
+        y = torch.mm(xb, decode_bf16_t(pack))
+    else:
+        y = torch._weight_int4pack_mm_for_cpu(xb.contiguous(), pack.weight, pack.group, pack.scales_and_zeros)
     if y.shape[1] != N:
         y = y[:, :N]
     y = y.to(x.dtype)

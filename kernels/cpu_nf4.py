@@ -2,23 +2,25 @@
 
 ATen has no kernel for a 16-value code book, and torch ops cannot decode 4-bit codes fast enough
 (a gather per weight: several times slower than the fp16 baseline). So this module carries a
-small C kernel, compiled once per machine with the system C compiler (``$CC``, default ``cc``)
-into ``$QBENCH_CACHE_DIR/cpu_kernels/`` and called through ctypes (no Python headers needed; OpenMP
-threads, as many as ``torch.get_num_threads()``). Where it cannot be built the modules keep the
-reference path and record ``kernel_path = "reference"``.
+small C kernel (built once per machine by :mod:`qbench.kernels._cpu_cc`, called through ctypes).
+Where it cannot be built the modules keep the reference path (``kernel_path = "reference"``).
 
-The kernel keeps the packed codes as the only copy of the weight; it needs rows made of whole
-quantization blocks (``in_features % blocksize == 0``, true of every Llama-shaped layer), else
-the caller uses the reference. Two routines, both fp32 throughout:
+The packed codes stay the only copy of the weight. Rows must be whole quantization blocks
+(``in_features % blocksize == 0``, true of every Llama-shaped layer), else the caller uses the
+reference. Two routines:
 
-* ``qbench_nf4_gemv`` (up to :data:`GEMV_MAX_ROWS` input rows: decode): AVX-512 reads 16 packed
-  bytes at a time, looks the 32 codes up in the code book held in one register
-  (``vpermps``), multiplies them with the even and odd input features and sums each
-  quantization block before scaling it by its absmax once. Sums are fp32, in another order than
-  the reference's: results agree to fp32 rounding (relative 1e-5 of ``|x| @ |W|.T``, tested).
-* ``qbench_nf4_decode`` (more rows: prefill): decodes the layer to fp32, ``code * absmax`` exactly
-  as :func:`qbench.kernels.nf4.dequantize_nf4_reference` does, into a temporary that the fp32
-  matmul reads and then frees: bit-identical to the reference path, only faster to decode.
+* ``qbench_nf4_gemv`` (up to :data:`GEMV_MAX_ROWS` input rows: decode, memory-bound): AVX-512 reads
+  16 packed bytes at a time, looks the 32 codes up in the code book held in one register
+  (``vpermps``), multiplies them with the even and odd input features and sums each quantization
+  block before scaling it by its absmax once. fp32 throughout, the sums in another order than the
+  reference's: results agree to fp32 rounding (1e-6 of ``|x| @ |W|.T``, tested).
+* ``qbench_nf4_decode`` (more rows: prefill, compute-bound): decodes the layer to fp32, ``code *
+  absmax`` exactly as :func:`qbench.kernels.nf4.dequantize_nf4_reference` does (bit-identical),
+  into a temporary freed after the call. Where the CPU multiplies bf16 natively
+  (:func:`qbench.kernels._cpu.bf16_gemm_fast`) that weight and the input are rounded to bf16 for
+  oneDNN's bf16 GEMM (fp32 sums; about 4x an fp32 GEMM on AVX512-BF16): ``cpu:nf4-bf16gemm``,
+  within ``2**-7 * (|x| @ |W|.T)`` of the reference plus the bf16 output rounding. Otherwise the
+  fp32 matmul of the reference, bit-identical (``cpu:nf4-decode``).
 
 Double-quantized absmax values are decoded inside the kernel
 (``nested_map[code] * nested_absmax[block // 256] + offset``, multiply then add, no FMA, as the
@@ -27,20 +29,15 @@ reference). On CPUs without AVX-512 the same C code is compiled without intrinsi
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
-import os
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
+from qbench.kernels import _cpu_cc
+from qbench.kernels._cpu import bf16_gemm_fast
 from qbench.kernels.nf4 import (DYNAMIC_MAP, NESTED_BLOCKSIZE, QUANT_TYPES, NF4Tensor, code_book,
                                 dequantize_nf4_reference)
 from qbench.params import QBenchError
-
-log = logging.getLogger("qbench.cpu_nf4")
 
 GEMV_MAX_ROWS = 4  # input rows the fused kernel handles per pass over the weight
 
@@ -167,59 +164,31 @@ void qbench_nf4_decode(const uint8_t* packed, int64_t N, int64_t K, int64_t bloc
 }
 """
 
-_LIB: ctypes.CDLL | None = None
-_BUILD_ERROR: str | None = None
+NAME = "qbench_nf4"
 
 
-def _arch_flags() -> list[str]:
-    return ["-mavx512f", "-mfma"] if torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX") else []
-
-
-def kernel_path() -> str:
-    return "cpu:nf4-avx512" if _arch_flags() else "cpu:nf4-c"
-
-
-def _build() -> ctypes.CDLL:
-    from qbench.models import cache_dir
-
-    compiler = os.environ.get("CC", "cc")
-    flags = ["-O3", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off", "-std=c11", *_arch_flags()]
-    digest = hashlib.sha256("\0".join([_SOURCE, compiler, *flags]).encode()).hexdigest()[:16]
-    target = Path(cache_dir()) / "cpu_kernels" / f"qbench_nf4_{digest}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            source = Path(tmp) / "nf4.c"
-            source.write_text(_SOURCE)
-            built = Path(tmp) / target.name
-            result = subprocess.run([compiler, *flags, str(source), "-o", str(built)], capture_output=True, text=True,
-                                    timeout=300)
-            if result.returncode != 0:
-                raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-500:]}")
-            os.replace(built, target)  # atomic: concurrent processes never load a half-written file
-    lib = ctypes.CDLL(str(target))
+def _declare(lib: ctypes.CDLL) -> None:
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64  # pointers pass as plain addresses (Tensor.data_ptr())
     lib.qbench_nf4_gemv.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, ctypes.c_float, ptr,
                                     ctypes.c_int]
     lib.qbench_nf4_decode.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ctypes.c_float, ptr, ctypes.c_int]
     lib.qbench_nf4_gemv.restype = lib.qbench_nf4_decode.restype = None
-    return lib
 
 
 def library() -> ctypes.CDLL | None:
     """The compiled kernel, built on first use; None (once logged) where it cannot be built."""
-    global _LIB, _BUILD_ERROR
-    if _LIB is None and _BUILD_ERROR is None:
-        try:
-            _LIB = _build()
-        except Exception as exc:  # no compiler, no OpenMP...: the reference path still works
-            _BUILD_ERROR = f"{type(exc).__name__}: {exc}"
-            log.warning("NF4 CPU kernel unavailable, using the reference path: %s", _BUILD_ERROR)
-    return _LIB
+    return _cpu_cc.build(NAME, _SOURCE, _declare)
 
 
 def build_error() -> str | None:
-    return _BUILD_ERROR
+    return _cpu_cc.build_error(NAME)
+
+
+def kernel_path(rows: int = 1) -> str:
+    """What :func:`nf4_matmul_cpu` runs for ``rows`` input rows."""
+    if rows <= GEMV_MAX_ROWS:
+        return "cpu:nf4-avx512" if _cpu_cc.avx512() else "cpu:nf4-c"
+    return "cpu:nf4-bf16gemm" if bf16_gemm_fast() else "cpu:nf4-decode"
 
 
 def supports(q: NF4Tensor) -> bool:
@@ -286,10 +255,14 @@ def nf4_matmul_cpu(x: torch.Tensor, q: NF4Tensor) -> torch.Tensor:
     if x.shape[-1] != K:
         raise QBenchError(f"nf4 matmul: input has {x.shape[-1]} features, the weight {tuple(q.shape)} needs {K}")
     lead = x.shape[:-1]
-    x2d = x.reshape(-1, K).float().contiguous()
+    x2d = x.reshape(-1, K)
     rows = x2d.shape[0]
-    if rows > GEMV_MAX_ROWS:
-        return (x2d @ nf4_decode_cpu(q).T).to(x.dtype).reshape(*lead, N)
+    if rows > GEMV_MAX_ROWS:  # compute-bound: decode once, then the fastest GEMM there is
+        w = nf4_decode_cpu(q)
+        if bf16_gemm_fast():
+            return F.linear(x2d.to(torch.bfloat16), w.to(torch.bfloat16)).to(x.dtype).reshape(*lead, N)
+        return (x2d.float() @ w.T).to(x.dtype).reshape(*lead, N)
+    x2d = x2d.float().contiguous()
     y = torch.empty(rows, N, dtype=torch.float32)
     if rows:
         library().qbench_nf4_gemv(x2d.data_ptr(), rows, K, layer.packed, N, layer.blocksize, *layer.args,

@@ -148,7 +148,7 @@ class GPTQLinear(QuantizedLinear):
             return gptq_matmul(*args)
         pack = self._cpu_int4() if use_cpu_kernel(x) else None
         if pack is not None:
-            self.kernel_path = cpu_int4.KERNEL_PATH
+            self.kernel_path = cpu_int4.kernel_path(x.shape[:-1].numel())
             return cpu_int4.int4_matmul_cpu(x, pack, self.bias)
         self.kernel_path = "reference"
         return gptq_matmul_reference(*args)

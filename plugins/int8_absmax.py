@@ -96,7 +96,7 @@ class Int8AbsmaxLinear(QuantizedLinear):
         self.kernel_path = "triton" if triton else "reference"
         if self.activations == "none":
             if cpu and cpu_int8.supports(self.weight_codes, self.weight_scale):
-                self.kernel_path = cpu_int8.KERNEL_PATH
+                self.kernel_path = cpu_int8.kernel_path(x.shape[:-1].numel())
                 return cpu_int8.int8_weight_matmul_cpu(x, self.weight_codes, self.weight_scale, self.bias)
             run = int8_weight_matmul if triton else int8_weight_matmul_reference
             return run(x, self.weight_codes, self.weight_scale, self.bias, self._group_size)

@@ -77,7 +77,7 @@ class NF4Linear(QuantizedLinear):
         compute = self.compute_dtype or x.dtype
         xc = x.to(compute)
         if use_cpu_kernel(xc) and cpu_nf4.supports(self.q):
-            self.kernel_path = cpu_nf4.kernel_path()
+            self.kernel_path = cpu_nf4.kernel_path(xc.shape[:-1].numel())
             bias = None if self.bias is None else self.bias.to(compute)
             return cpu_nf4.nf4_linear_cpu(xc, self.q, bias).to(x.dtype)
         use_triton = use_triton_in_module(xc)

@@ -2,7 +2,7 @@
 fp16 and fp32 baselines, on the demo model's layer shapes.
 
     python scripts/bench_cpu_kernels.py [--rows 1,128] [--passes 15] [--threads 2] [--working-set-mb 128]
-                                        [--reference] [--markdown FILE]
+                                        [--clock wall|cpu] [--reference] [--markdown FILE]
 
 Every case is a real module (``FloatLinear`` fp16/fp32, ``Int8AbsmaxLinear``, ``AffineLinear``,
 ``GPTQLinear``, ``NF4Linear``) built from the same random ``nn.Linear`` and called as the model calls
@@ -12,6 +12,9 @@ linears hold 202 MiB in fp16), and one timed pass calls every copy once: weights
 a forward pass, not from a warm cache. Passes alternate case by case (A B C ... A B C ...), so load from
 other processes falls on every case alike; a case's time per call is the median over passes, and its
 speed-up the median over passes of (baseline time / its time) within the same round.
+``--clock cpu`` times with the process's CPU time instead of the wall clock: on a machine shared with
+other busy processes it counts only this process's work (use it with ``--threads 1``: with more
+threads, idle threads spinning between parallel regions count too).
 
 ``--reference`` adds each method's torch reference path (``QBENCH_CPU_KERNEL=reference``; slow).
 The last table weighs the shapes as one decoder layer of the demo model has them (q, o: 576x576;
@@ -89,7 +92,8 @@ def _copies(factory, mode: str, count: int) -> list[nn.Module]:
     return modules
 
 
-def measure(shape: tuple[int, int], rows: int, passes: int, working_set_mb: float, reference: bool) -> list[dict]:
+def measure(shape: tuple[int, int], rows: int, passes: int, working_set_mb: float, reference: bool,
+            clock=time.perf_counter) -> list[dict]:
     out_features, in_features = shape
     torch.manual_seed(0)
     linear = nn.Linear(in_features, out_features, bias=False)
@@ -103,10 +107,10 @@ def measure(shape: tuple[int, int], rows: int, passes: int, working_set_mb: floa
         for round_ in range(passes + 1):  # the first round warms up and is not kept
             for name, (modules, mode) in built.items():
                 os.environ["QBENCH_CPU_KERNEL"] = mode
-                start = time.perf_counter()
+                start = clock()
                 for module in modules:
                     module(x)
-                elapsed = (time.perf_counter() - start) / len(modules)
+                elapsed = (clock() - start) / len(modules)
                 if round_:
                     times[name].append(elapsed)
                 paths[name] = getattr(modules[0], "kernel_path", "?")
@@ -136,7 +140,8 @@ def _header(args) -> list[str]:
              f"{str(git.get('commit', '?'))[:10]}{' (dirty)' if git.get('dirty') else ''}",
              f"- NF4 kernel: {cpu_nf4.kernel_path() if cpu_nf4.library() is not None else cpu_nf4.build_error()}",
              f"- {args.passes} interleaved passes per shape; each pass calls every copy once "
-             f"({args.working_set_mb:g} MiB of fp16 weights per case)"]
+             f"({args.working_set_mb:g} MiB of fp16 weights per case); clock: "
+             + ("wall (perf_counter)" if args.clock == "wall" else "process CPU time (process_time)")]
     return lines
 
 
@@ -146,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--passes", type=int, default=15)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--working-set-mb", type=float, default=128.0)
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall clock, or this process's CPU time (robust to other load; use --threads 1)")
     parser.add_argument("--shapes", default=None, help="e.g. 576x576,1536x576 (default: the demo model's four)")
     parser.add_argument("--reference", action="store_true", help="also time each method's torch reference path")
     parser.add_argument("--markdown", default=None, help="also write the tables to this file")
@@ -160,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
                   "| shape (out x in) | case | kernel path | µs per call | vs fp16 | vs fp32 |",
                   "|---|---|---|---:|---:|---:|"]
         for shape, per_layer in shapes.items():
-            for r in measure(shape, rows, args.passes, args.working_set_mb, args.reference):
+            clock = time.perf_counter if args.clock == "wall" else time.process_time
+            for r in measure(shape, rows, args.passes, args.working_set_mb, args.reference, clock):
                 lines.append(f"| {r['shape']} | {r['case']} | {r['path']} | {r['us']:.1f} | {r['vs_fp16']:.2f} | "
                              f"{r['vs_fp32']:.2f} |")
                 print(lines[-1], file=sys.stderr, flush=True)  # progress

