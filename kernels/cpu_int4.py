@@ -16,8 +16,13 @@ Our formats store ``W = s * (q - z)`` with fp16 scales and integer zero points, 
 ``scale = bf16(s)`` and ``zero = bf16(bf16(s) * (8 - z))``: ``(q - 8) * scale + zero`` then equals
 ``bf16(s) * (q - z)`` up to the zero's bf16 rounding (at most ``2**-9 * 8 * s``, i.e. 1/64 of a
 quantization step). With the bf16 roundings of the activations and of the output, a result
-differs from the fp32 reference by at most ``2**-7 * (|x| @ |W|.T) + 2**-8 * |y|`` (tested), about
-0.3% RMS in practice.
+differs from the fp32 reference by at most ``2**-7 * (|x| @ |W|.T) + 2**-6 * (|x| @ S.T) +
+2**-8 * |y|`` (``S``: each weight's scale; tested), about 0.3% RMS in practice.
+
+From :data:`BF16_GEMM_MIN_ROWS` input rows on (prefill), where the CPU multiplies bf16 natively,
+a small C routine decodes ATen's layout once per call into the same weights rounded to bf16
+(:func:`decode_bf16_t`, exact against the plain-torch decode) for oneDNN's bf16 GEMM
+(``cpu:int4-bf16gemm``): the weight's extra bf16 rounding stays within the bound above.
 
 Conversion happens once per layer (:func:`pack_int4_cpu`, at quantize or load time):
 
