@@ -136,9 +136,12 @@ def _quantize_rows_reference(x2d, group_size=None, fixed_absmax=None):
     else:
         group_size = cols if group_size is None or group_size >= cols else group_size
         groups = cdiv(cols, group_size)
-        padded = torch.zeros((rows, groups * group_size), dtype=torch.float32, device=x2d.device)
-        padded[:, :cols] = xf.abs()
-        absmax = padded.view(rows, groups, group_size).amax(dim=-1)
+        if groups == 1 and cols > 0:  # whole rows (per-token activations): no padded copy, same maxima
+            absmax = xf.abs().amax(dim=1, keepdim=True)
+        else:
+            padded = torch.zeros((rows, groups * group_size), dtype=torch.float32, device=x2d.device)
+            padded[:, :cols] = xf.abs()
+            absmax = padded.view(rows, groups, group_size).amax(dim=-1)
     inv = _inverse_scale(absmax)
     inv_cols = inv.repeat_interleave(group_size, dim=1)[:, :cols] if inv.shape[1] > 1 else inv
     codes = torch.clamp(torch.round(xf * inv_cols), -QMAX, QMAX).to(torch.int8)

@@ -17,8 +17,13 @@ Stored per layer (every byte counts in the memory suite):
   not stored when ``sym=true`` (the zero is 2**(bits-1) for every group);
 * ``bias`` when the layer has one.
 
-On CUDA the layer runs the fused dequantize-matmul (GEMV for batch 1, GEMM otherwise); on CPU the
-torch reference, recorded in ``kernel_path``.
+On CUDA the layer runs the fused dequantize-matmul (GEMV for batch 1, GEMM otherwise). On CPU a
+4-bit layer is converted once (at quantize / load time) to ATen's int4 layout and runs
+``torch._weight_int4pack_mm_for_cpu`` (bf16 activations; :mod:`qbench.kernels.cpu_int4`). That
+layout (``runtime_tensors``) then holds the codes: the ``codes`` buffer is dropped and rebuilt
+exactly from it when ``stored_tensors()`` is asked for (saving, format bytes) or the reference
+runs. Other widths and ``QBENCH_CPU_KERNEL=reference`` run the torch reference. ``kernel_path``
+records which ran.
 """
 from __future__ import annotations
 
@@ -28,8 +33,10 @@ import torch
 from torch import nn
 
 from qbench import hookimpl
-from qbench.kernels import affine
+from qbench.kernels import affine, cpu_int4
+from qbench.kernels._cpu import cpu_kernels_wanted, use_cpu_kernel
 from qbench.kernels._triton import cdiv, use_triton_in_module
+from qbench.kernels.affine import unpack_codes
 from qbench.kernels.dequant_matmul import (
     affine_dequant_weight_reference,
     affine_weight_matmul,
@@ -63,6 +70,9 @@ class AffineLinear(QuantizedLinear):
         self.register_buffer("scales", scales.to(torch.float16).contiguous())
         self.register_buffer("zeros", None if sym else zeros.to(torch.uint8).contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self._cpu_pack: cpu_int4.Int4CpuPack | None | bool = None  # False: this layer has no CPU layout
+        if cpu_kernels_wanted(self.codes.device):
+            self._cpu_int4()  # converted once, at quantize / load time
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int, group_size: int, sym: bool) -> "AffineLinear":
@@ -75,19 +85,59 @@ class AffineLinear(QuantizedLinear):
                    affine.pack_codes(codes, bits), scales, packed_zeros, bias)
 
     def dequantized_weight(self) -> torch.Tensor:
-        return affine_dequant_weight_reference(self.codes, self.scales, self.zeros, self.bits, self.group_size,
+        return affine_dequant_weight_reference(self._codes(), self.scales, self.zeros, self.bits, self.group_size,
                                                self.in_features, self.sym)
 
+    def _cpu_int4(self) -> cpu_int4.Int4CpuPack | None:
+        """ATen's int4 layout of this layer (4 bits, on CPU), built on first need; None where there is none."""
+        if self._cpu_pack is None:
+            self._cpu_pack = False
+            if self.bits == 4 and self.codes.device.type == "cpu":
+                codes = unpack_codes(self.codes, 4, self.in_features)
+                groups = self.scales.shape[1]
+                zeros = (torch.full_like(self.scales, 8.0) if self.sym else
+                         unpack_codes(self.zeros, 4, groups))
+                size = affine.effective_group_size(self.in_features, self.group_size)
+                self._cpu_pack = cpu_int4.pack_int4_cpu(codes, self.scales, zeros, size) or False
+                if self._cpu_pack and cpu_int4.layout() is not None:
+                    self.codes = None  # held once, in the kernel's layout; _codes() rebuilds them
+        return self._cpu_pack or None
+
+    def _codes(self) -> torch.Tensor:
+        """The stored (densely packed) codes, rebuilt from the CPU kernel's layout where only that is held."""
+        if self.codes is not None:
+            return self.codes
+        return affine.pack_codes(cpu_int4.unpack_int4_cpu(self._cpu_pack), 4)
+
+    def runtime_tensors(self) -> dict[str, torch.Tensor]:
+        return self._cpu_pack.tensors() if self._cpu_pack else {}
+
+    def resident_tensors(self) -> dict[str, torch.Tensor]:
+        held = {name: t for name, t in self._buffers.items() if t is not None}
+        return {**held, **self.runtime_tensors()}
+
+    def _apply(self, fn, recurse=True):
+        if self.codes is None:
+            self.codes = self._codes()
+        self._cpu_pack = None  # moved or cast: rebuilt from the stored tensors where needed
+        return super()._apply(fn, recurse)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.codes is None and not use_cpu_kernel(x):  # the reference needs the stored codes back
+            self.codes = self._codes()
         args = (x, self.codes, self.scales, self.zeros, self.bits, self.group_size, self.in_features, self.bias)
         if use_triton_in_module(x):
             self.kernel_path = "triton"
             return affine_weight_matmul(*args)
+        pack = self._cpu_int4() if use_cpu_kernel(x) else None
+        if pack is not None:
+            self.kernel_path = cpu_int4.kernel_path(x.shape[:-1].numel())
+            return cpu_int4.int4_matmul_cpu(x, pack, self.bias)
         self.kernel_path = "reference"
         return affine_weight_matmul_reference(*args)
 
     def stored_tensors(self) -> dict[str, torch.Tensor]:
-        tensors = {"codes": self.codes, "scales": self.scales}
+        tensors = {"codes": self._codes(), "scales": self.scales}
         if self.zeros is not None:
             tensors["zeros"] = self.zeros
         if self.bias is not None:

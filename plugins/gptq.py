@@ -2,7 +2,11 @@
 
 Quantized layers are :class:`GPTQLinear` modules that hold exactly the checkpoint layout GPTQ tools
 share (``qweight``, ``qzeros``, ``scales``, ``g_idx``, optional ``bias``); they run the fused Triton
-dequantize-matmul on CUDA and the torch reference on CPU. :func:`save_gptq_checkpoint` and
+dequantize-matmul on CUDA. On CPU a 4-bit layer is converted once (at quantize / load time) to ATen's
+int4 layout, act-order columns permuted into contiguous groups, and runs
+``torch._weight_int4pack_mm_for_cpu`` (:mod:`qbench.kernels.cpu_int4`); that layout then holds the
+codes (``qweight`` is rebuilt from it exactly for ``stored_tensors()``, ``state_dict()`` and the
+reference). Other widths and ``QBENCH_CPU_KERNEL=reference`` run the torch reference. :func:`save_gptq_checkpoint` and
 :func:`load_gptq_checkpoint` write and read GPTQModel/AutoGPTQ-style checkpoint directories
 (``model.safetensors`` + ``config.json`` with ``quantization_config`` + ``quantize_config.json``).
 """
@@ -18,6 +22,8 @@ import torch
 from torch import nn
 
 from qbench import hookimpl
+from qbench.kernels import cpu_int4
+from qbench.kernels._cpu import cpu_kernels_wanted, use_cpu_kernel
 from qbench.kernels._triton import use_triton_in_module
 from qbench.kernels.gptq_matmul import gptq_matmul, gptq_matmul_reference
 from qbench.kernels.gptq_pack import (
@@ -25,8 +31,10 @@ from qbench.kernels.gptq_pack import (
     SUPPORTED_BITS,
     dequantize_gptq,
     pack_gptq,
+    pack_qweight,
     pack_qzeros,
     packed_rows,
+    unpack_qweight,
     unpack_qzeros,
 )
 from qbench.method import Method, QuantizedLinear, quantizable_linears, quantized_modules, set_submodule
@@ -79,6 +87,9 @@ class GPTQLinear(QuantizedLinear):
             self.register_buffer("bias", bias.detach().clone())
         else:
             self.bias = None
+        self._cpu_pack: cpu_int4.Int4CpuPack | None | bool = None  # False: this layer has no CPU layout
+        if cpu_kernels_wanted(self.qweight.device):
+            self._cpu_int4()  # converted once, at quantize / load time
 
     @property
     def zero_offset(self) -> int:
@@ -94,20 +105,87 @@ class GPTQLinear(QuantizedLinear):
         return cls(linear.in_features, linear.out_features, bits, group_size, sym, desc_act,
                    bias=bias, checkpoint_format=checkpoint_format, **packed)
 
+    @classmethod
+    def from_rtn(cls, linear: nn.Linear, bits: int = 4, group_size: int = 128, sym: bool = True,
+                 act_order: bool = False) -> "GPTQLinear":
+        """The GPTQ layout filled with round-to-nearest codes on GPTQ's min-max grid, without GPTQ's
+        algorithm (minutes on a CPU): for benchmarks and tests of the layout and its kernels. With
+        ``act_order`` the columns are grouped in descending order of their norm (a stand-in for GPTQ's
+        Hessian order), so ``g_idx`` is not ascending, as in checkpoints made with ``desc_act``."""
+        from qbench.kernels.affine import quantize_reference
+
+        w = linear.weight.detach().float()
+        order = torch.argsort(w.norm(dim=0), descending=True) if act_order else torch.arange(w.shape[1])
+        codes_in_order, scales, zeros = quantize_reference(w[:, order], bits, group_size, sym)
+        codes = torch.empty_like(codes_in_order)
+        codes[:, order] = codes_in_order
+        size = w.shape[1] if group_size == -1 else group_size
+        g_idx = torch.empty(w.shape[1], dtype=torch.int32)
+        g_idx[order] = (torch.arange(w.shape[1]) // size).to(torch.int32)
+        packed = pack_gptq(codes.t(), scales.t(), zeros.t(), g_idx, bits, "gptq_v2")
+        bias = linear.bias.detach() if linear.bias is not None else None
+        return cls(linear.in_features, linear.out_features, bits, group_size, sym, act_order, bias=bias,
+                   checkpoint_format="gptq_v2", **packed)
+
     def dequantized_weight(self) -> torch.Tensor:
         """The weight as an fp32 ``[out, in]`` matrix (what the matmul computes with)."""
-        return dequantize_gptq(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.zero_offset).t()
+        return dequantize_gptq(self._qweight(), self.qzeros, self.scales, self.g_idx, self.bits, self.zero_offset).t()
+
+    def _cpu_int4(self) -> cpu_int4.Int4CpuPack | None:
+        """ATen's int4 layout of this layer (4 bits, on CPU), built on first need; None where there is none
+        (a ``g_idx`` whose groups are not ``group_size`` columns each)."""
+        if self._cpu_pack is None:
+            self._cpu_pack = False
+            if self.bits == 4 and self.qweight.device.type == "cpu":
+                codes = unpack_qweight(self.qweight, 4, self.in_features).t()
+                zeros = unpack_qzeros(self.qzeros, 4, self.out_features, self.zero_offset).t()
+                size = self.in_features if self.group_size == -1 else self.group_size
+                self._cpu_pack = cpu_int4.pack_int4_cpu(codes, self.scales.t(), zeros, size, self.g_idx) or False
+                # held once, in the kernel's layout (_qweight() rebuilds it), where the rebuild is exact
+                if self._cpu_pack and cpu_int4.layout() is not None and self.in_features % 8 == 0:
+                    self.qweight = None
+        return self._cpu_pack or None
+
+    def _qweight(self) -> torch.Tensor:
+        """The stored ``qweight``, rebuilt from the CPU kernel's layout where only that is held."""
+        if self.qweight is not None:
+            return self.qweight
+        return pack_qweight(cpu_int4.unpack_int4_cpu(self._cpu_pack).t(), 4)
+
+    def runtime_tensors(self) -> dict[str, torch.Tensor]:
+        return self._cpu_pack.tensors() if self._cpu_pack else {}
+
+    def resident_tensors(self) -> dict[str, torch.Tensor]:
+        held = {name: t for name, t in self._buffers.items() if t is not None}
+        return {**held, **self.runtime_tensors()}
+
+    def _apply(self, fn, recurse=True):
+        if self.qweight is None:
+            self.qweight = self._qweight()
+        self._cpu_pack = None  # moved or cast: rebuilt from the stored tensors where needed
+        return super()._apply(fn, recurse)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.qweight is None:  # checkpoints carry the GPTQ layout, whatever this process holds
+            destination[prefix + "qweight"] = self._qweight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.qweight is None and not use_cpu_kernel(x):  # the reference needs the stored qweight back
+            self.qweight = self._qweight()
         args = (x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.bias, self.zero_offset)
         if use_triton_in_module(x):
             self.kernel_path = "triton"
             return gptq_matmul(*args)
+        pack = self._cpu_int4() if use_cpu_kernel(x) else None
+        if pack is not None:
+            self.kernel_path = cpu_int4.kernel_path(x.shape[:-1].numel())
+            return cpu_int4.int4_matmul_cpu(x, pack, self.bias)
         self.kernel_path = "reference"
         return gptq_matmul_reference(*args)
 
     def stored_tensors(self) -> dict[str, torch.Tensor]:
-        tensors = {"qweight": self.qweight, "qzeros": self.qzeros, "scales": self.scales, "g_idx": self.g_idx}
+        tensors = {"qweight": self._qweight(), "qzeros": self.qzeros, "scales": self.scales, "g_idx": self.g_idx}
         if self.bias is not None:
             tensors["bias"] = self.bias
         return tensors
@@ -132,7 +210,7 @@ class GPTQLinear(QuantizedLinear):
             raise QBenchError("gptq checkpoint: a v1 zero point of 2**bits cannot be written in the gptq_v2 format")
         qzeros = pack_qzeros(zeros, self.bits, 0)
         return GPTQLinear(self.in_features, self.out_features, self.bits, self.group_size, self.sym, self.desc_act,
-                          self.qweight, qzeros, self.scales, self.g_idx, self.bias, "gptq_v2")
+                          self._qweight(), qzeros, self.scales, self.g_idx, self.bias, "gptq_v2")
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, bits={self.bits}, group_size={self.group_size}, sym={self.sym}, "

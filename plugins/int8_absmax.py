@@ -14,8 +14,11 @@ Activations (``activations=``):
   window, averaged over the windows), values beyond it clamp to ±127. Needs calibration data.
 
 W8A8 needs one weight scale per row or per tensor (the scales go in the GEMM epilogue), so
-``granularity=block`` is weight-only. On CPU the modules run the torch references (the W8A8 one
-sums the integer products exactly, as the int32 GEMM does) and record ``kernel_path``.
+``granularity=block`` is weight-only. On CPU the modules run ATen's kernels (:mod:`qbench.kernels._cpu`):
+W8A16 ``torch._weight_int8pack_mm`` on the stored codes (bf16 activations, see
+:mod:`qbench.kernels.cpu_int8`), W8A8 ``torch._int_mm`` (bit-identical to the reference, which sums
+the integer products exactly); per-block scales and ``QBENCH_CPU_KERNEL=reference`` run the torch
+references. ``kernel_path`` records which ran.
 """
 from __future__ import annotations
 
@@ -26,7 +29,8 @@ import torch
 from torch import nn
 
 from qbench import hookimpl
-from qbench.kernels import absmax
+from qbench.kernels import absmax, cpu_int8, cpu_int8_matmul
+from qbench.kernels._cpu import use_cpu_kernel
 from qbench.kernels._triton import use_triton_in_module
 from qbench.kernels.dequant_matmul import (
     int8_dequant_weight_reference,
@@ -92,19 +96,29 @@ class Int8AbsmaxLinear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         triton = use_triton_in_module(x)
-        self.kernel_path = "triton" if triton else "reference"
+        # W8A16 rounds activations to bf16; W8A8's integer matmul is exact (runs under fp32_arithmetic)
+        cpu = not triton and use_cpu_kernel(x, fp32=self.activations != "none")
         if self.activations == "none":
+            if cpu and cpu_int8.supports(self.weight_codes, self.weight_scale):
+                self.kernel_path = cpu_int8.kernel_path(x.shape[:-1].numel())
+                return cpu_int8.int8_weight_matmul_cpu(x, self.weight_codes, self.weight_scale, self.bias)
+            self.kernel_path = "triton" if triton else "reference"
             run = int8_weight_matmul if triton else int8_weight_matmul_reference
             return run(x, self.weight_codes, self.weight_scale, self.bias, self._group_size)
         lead = x.shape[:-1]
         x2d = x.reshape(-1, self.in_features)
         fixed = self.act_absmax if self.activations == "static" else None
         if triton:
+            self.kernel_path = "triton"
             codes, scale = absmax.quantize_rows(x2d, fixed_absmax=fixed)
             y = int8_matmul(codes, scale, self.weight_codes, self.weight_scale, self.bias, x.dtype)
         else:
             codes, scale = absmax._quantize_rows_reference(x2d, fixed_absmax=fixed)
-            y = int8_matmul_reference(codes, scale, self.weight_codes, self.weight_scale, self.bias, x.dtype)
+            # the same integer sums, exactly: bit-identical to the reference
+            cpu = cpu and cpu_int8_matmul.supports(self.weight_codes)
+            self.kernel_path = cpu_int8_matmul.KERNEL_PATH if cpu else "reference"
+            run = cpu_int8_matmul.int8_matmul_cpu if cpu else int8_matmul_reference
+            y = run(codes, scale, self.weight_codes, self.weight_scale, self.bias, x.dtype)
         return y.view(*lead, self.out_features)
 
     def stored_tensors(self) -> dict[str, torch.Tensor]:

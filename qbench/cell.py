@@ -6,6 +6,7 @@ The driver turns the result (or the process's death) into a record.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -47,6 +48,8 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     from qbench.cache import quantize_cached
     from qbench.data import Calibration, load_text
     from qbench.dtypes import dtype_name
+    from qbench.kernels._cpu import fp32_arithmetic
+    from qbench.method import kernel_paths
     from qbench.models import load_model
     from qbench.suite import CellContext
 
@@ -98,11 +101,14 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
                       device=device, dtype=dtype, dataset=dataset, limit=cell.get("limit"), seed=seed,
                       reload_model=build, data_dir=data_dir)
     start = time.perf_counter()
-    metrics = suite.measure(ctx)
+    with fp32_arithmetic() if suite.fp32_arithmetic else contextlib.nullcontext():
+        metrics = suite.measure(ctx)
+    if suite.fp32_arithmetic and device.type == "cpu":
+        ctx.extra["cpu_arithmetic"] = "fp32 (kernels that round to bf16 not used)"
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     timings["measure_s"] = round(time.perf_counter() - start, 3)
-    paths = sorted({m.kernel_path for m in model.modules() if hasattr(m, "kernel_path")})
+    paths = kernel_paths(model)
     return {
         "status": "ok",
         "metrics": _jsonable_metrics(metrics, suite),

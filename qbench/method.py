@@ -90,13 +90,26 @@ class QuantizedLinear(nn.Module):
     Subclasses keep all their state in tensors returned by :meth:`stored_tensors` (packed
     weights, scales, zero points, code books, bias) and JSON-able settings in :meth:`config`,
     so the memory suite counts every byte and the cache can rebuild the module with
-    :meth:`from_stored`. ``kernel_path`` records which implementation ran last
-    ("triton" or "reference").
+    :meth:`from_stored`. A layer may also hold :meth:`runtime_tensors` (a kernel's own layout,
+    rebuilt at load time); :meth:`resident_tensors` is what it holds in memory. ``kernel_path``
+    records which implementation ran last ("triton", "reference", or a CPU kernel such as
+    "cpu:int4pack-bf16"), ``kernel_paths_run`` every one that ran.
     """
 
     in_features: int
     out_features: int
-    kernel_path: str = "none"
+
+    @property
+    def kernel_path(self) -> str:
+        return self.__dict__.get("_kernel_path", "none")
+
+    @kernel_path.setter
+    def kernel_path(self, path: str) -> None:
+        # every implementation that ran is remembered: a CPU layer may decode with one kernel and
+        # prefill with another, and the record should name both
+        self.__dict__["_kernel_path"] = path
+        if path != "none":
+            self.__dict__.setdefault("kernel_paths_run", set()).add(path)
 
     def stored_tensors(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -111,12 +124,36 @@ class QuantizedLinear(nn.Module):
     def storage_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.stored_tensors().values())
 
+    def runtime_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors held only to run faster (a CPU kernel's own layout of the weight, built from the
+        stored tensors at load time, never saved)."""
+        return {}
+
+    def resident_tensors(self) -> dict[str, torch.Tensor]:
+        """What the layer holds in memory (the memory suite counts these): its stored tensors and its
+        runtime tensors. A layer whose runtime layout replaces some stored tensors (rebuilt from it
+        when :meth:`stored_tensors` is called) lists only what it holds."""
+        return {**self.stored_tensors(), **self.runtime_tensors()}
+
+    def resident_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.resident_tensors().values())
+
     @property
     def weight_count(self) -> int:
         return self.in_features * self.out_features
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, path={self.kernel_path}"
+
+
+def kernel_paths(model: nn.Module) -> list[str]:
+    """Every implementation the model's layers ran (``kernel_path``: "triton", "reference",
+    "cpu:int4pack-bf16", ...), sorted; a layer that has not run yet counts with its current value."""
+    paths: set[str] = set()
+    for module in model.modules():
+        if hasattr(module, "kernel_path"):
+            paths |= getattr(module, "kernel_paths_run", None) or {module.kernel_path}
+    return sorted(paths)
 
 
 def quantizable_linears(model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:

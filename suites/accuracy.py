@@ -223,6 +223,7 @@ def _metric_specs() -> dict[str, MetricSpec]:
 
 class AccuracySuite(Suite):
     name = "accuracy"
+    fp32_arithmetic = True  # compared with the baseline: no bf16 kernels on a CPU
     description = ("Zero-shot task accuracy through lm-evaluation-harness on the in-memory model "
                    "(local task files, else the hub), with recovery % against the baseline")
     reads_limit = True

@@ -73,6 +73,7 @@ def summarize(kl: torch.Tensor, agree: torch.Tensor, ref_nll: float, quant_nll: 
 
 class FidelitySuite(Suite):
     name = "fidelity"
+    fp32_arithmetic = True  # compared with the baseline: no bf16 kernels on a CPU
     description = "KL divergence from the unquantized (FP32) model (mean, p99) and top-1 agreement, window by window"
     needs_dataset = True
     params = {

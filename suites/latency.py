@@ -11,6 +11,7 @@ import time
 import torch
 
 from qbench import hookimpl
+from qbench.method import kernel_paths
 from qbench.params import Param
 from qbench.suite import CellContext, Metric, MetricSpec, Suite
 
@@ -38,23 +39,25 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def time_generation(model, ids: torch.Tensor, new_tokens: int, device: torch.device) -> tuple[float, float]:
-    """Seconds for the prefill of ``ids`` and for ``new_tokens`` greedy decode steps after it."""
+def time_generation(model, ids: torch.Tensor, new_tokens: int, device: torch.device,
+                    clock=time.perf_counter) -> tuple[float, float]:
+    """Seconds for the prefill of ``ids`` and for ``new_tokens`` greedy decode steps after it
+    (``clock``: the wall clock; a benchmark on a shared CPU may pass ``time.process_time``)."""
     _sync(device)
-    start = time.perf_counter()
+    start = clock()
     out = model(ids, use_cache=True)
     _sync(device)
-    prefill = time.perf_counter() - start
+    prefill = clock() - start
     past = out.past_key_values
     token = out.logits[:, -1:].argmax(-1)
     _sync(device)
-    start = time.perf_counter()
+    start = clock()
     for _ in range(new_tokens):
         out = model(token, past_key_values=past, use_cache=True)
         past = out.past_key_values
         token = out.logits[:, -1:].argmax(-1)
     _sync(device)
-    return prefill, time.perf_counter() - start
+    return prefill, clock() - start
 
 
 class LatencySuite(Suite):
@@ -102,8 +105,7 @@ class LatencySuite(Suite):
             # p90 of the step time is the slow tail: the 10th percentile of throughput.
             metrics[f"decode_tok_s_p10_b{bs}"] = Metric(round(sorted(tok_s)[len(tok_s) // 10], 2), "tokens/s")
             metrics[f"decode_ms_per_step_p90_b{bs}"] = Metric(round(1000 * _p90(decodes) / v["new_tokens"], 3), "ms")
-        paths = sorted({m.kernel_path for m in ctx.model.modules() if getattr(m, "kernel_path", None) is not None})
-        ctx.extra["kernel_paths"] = paths
+        ctx.extra["kernel_paths"] = kernel_paths(ctx.model)
         ctx.extra["timer"] = "perf_counter + cuda.synchronize" if ctx.device.type == "cuda" else "perf_counter"
         ctx.extra["threads"] = torch.get_num_threads()
         return metrics

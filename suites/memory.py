@@ -4,7 +4,9 @@
   codes, scales, zero points, code books, bias) — exact, not estimated;
 * bits per weight of those layers, and bytes per weight beside the seeds' table
   (FP32 4, FP16 2, INT8 1, 4-bit ≈ 0.5 bytes per parameter);
-* whole-model bytes: every parameter and buffer held (tied tensors counted once);
+* resident bytes of those layers: what they hold in memory (``resident_tensors()``), which differs
+  from the stored format where a CPU kernel's own layout of the weight, built at load time, holds it;
+* whole-model bytes: every parameter and buffer held, kernel layouts included (tied tensors once);
 * peak memory of one forward pass (:class:`qbench.memory.PeakMemory`): CUDA max allocated on a GPU,
   process peak RSS (VmHWM, reset through /proc/self/clear_refs) on CPU, and its rise during the pass.
 """
@@ -33,7 +35,7 @@ def model_bytes(model: torch.nn.Module) -> int:
         if id(module) in inside:
             continue
         if isinstance(module, QuantizedLinear):
-            tensors.extend(module.stored_tensors().values())
+            tensors.extend(module.resident_tensors().values())  # stored format and/or a kernel's own layout
             inside.update(id(m) for m in module.modules())
             continue
         tensors.extend(module.parameters(recurse=False))
@@ -47,11 +49,12 @@ def model_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def quantized_layer_bytes(model: torch.nn.Module) -> tuple[int, int]:
-    """(bytes stored, weights represented) over the decoder linears, quantized or not."""
+def quantized_layer_bytes(model: torch.nn.Module, resident: bool = False) -> tuple[int, int]:
+    """(bytes stored, weights represented) over the decoder linears, quantized or not; with
+    ``resident``, the bytes held in memory instead (``resident_tensors()``: a CPU kernel's layout)."""
     stored = weights = 0
     for _, q in quantized_modules(model):
-        stored += q.storage_bytes()
+        stored += q.resident_bytes() if resident else q.storage_bytes()
         weights += q.weight_count
     for _, linear in quantizable_linears(model):  # layers a method left in float
         stored += sum(p.numel() * p.element_size() for p in linear.parameters())
@@ -74,6 +77,8 @@ class MemorySuite(Suite):
         "quantized_layer_bytes": MetricSpec("quantized layers (MiB)", higher_is_better=False, display_unit="MiB",
                                             vs_baseline="ratio", baseline_title="memory vs fp16"),
         "quantized_weights": MetricSpec("quantized weights", headline=False),
+        "resident_layer_bytes": MetricSpec("resident layers (MiB)", higher_is_better=False, display_unit="MiB"),
+        "resident_bits_per_weight": MetricSpec("resident bits/weight", higher_is_better=False, headline=False),
         "model_bytes": MetricSpec("model (MiB)", higher_is_better=False, display_unit="MiB"),
         "model_bytes_per_param": MetricSpec("model bytes/param", higher_is_better=False, headline=False),
         "peak_memory": MetricSpec("peak mem (MiB)", higher_is_better=False, display_unit="MiB"),
@@ -83,6 +88,7 @@ class MemorySuite(Suite):
     def measure(self, ctx: CellContext) -> dict[str, Metric]:
         model = ctx.model
         stored, weights = quantized_layer_bytes(model)
+        resident, _ = quantized_layer_bytes(model, resident=True)
         total = model_bytes(model)
         bits = 8 * stored / weights if weights else float("nan")
         metrics = {
@@ -90,9 +96,15 @@ class MemorySuite(Suite):
             "quantized_weights": Metric(weights, "weights"),
             "bits_per_weight": Metric(round(bits, 4), "bits"),
             "bytes_per_weight": Metric(round(bits / 8, 5), "bytes"),
+            "resident_layer_bytes": Metric(resident, "bytes"),
+            "resident_bits_per_weight": Metric(round(8 * resident / weights, 4) if weights else float("nan"), "bits"),
             "model_bytes": Metric(total, "bytes"),
             "model_bytes_per_param": Metric(round(total / ctx.model_info["params"], 5), "bytes"),
         }
+        if resident != stored:
+            ctx.notes.append("resident layers: what the quantized layers hold in memory, which differs from the "
+                             "stored format (bits/weight) where a CPU kernel's own layout of the weights, built at "
+                             "load time, holds them")
         nominal = getattr(ctx.method, "nominal_bits", None)
         if nominal in SEED_BYTES_PER_PARAM:
             claim = SEED_BYTES_PER_PARAM[nominal]

@@ -39,6 +39,7 @@ def window_nlls(model, batch: torch.Tensor, device) -> list[float]:
 
 class PerplexitySuite(Suite):
     name = "perplexity"
+    fp32_arithmetic = True  # compared with the baseline: no bf16 kernels on a CPU
     description = "Perplexity over non-overlapping windows of the test split (GPTQ protocol)"
     needs_dataset = True
     params = {

@@ -28,3 +28,9 @@ def tiny_model():
     from qbench.models import tiny_llama
 
     return tiny_llama(seed=0)
+
+
+@pytest.fixture
+def reference_path(monkeypatch):
+    """Quantized modules run their torch reference on CPU (the oracle), not the packed CPU kernels."""
+    monkeypatch.setenv("QBENCH_CPU_KERNEL", "reference")

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from qbench.kernels import affine
+from qbench.kernels import affine, cpu_int4
 from qbench.kernels.minmax_grid import minmax_scale_zero, quantize_to_grid
 from qbench.method import quantized_modules
 from qbench.params import QBenchError
@@ -23,19 +23,24 @@ def model_and_logits():
     return model, ids, logits
 
 
-VARIANTS = [({"bits": 8}, 0.02), ({"bits": 4}, 0.15), ({"bits": 4, "group_size": -1}, 0.15),
-            ({"bits": 4, "group_size": 48, "sym": True}, 0.15), ({"bits": 3, "group_size": 32}, 0.35)]
+# (params, error bound, CPU path for the 48 input rows below): 4-bit layers run the int4 CPU path,
+# except groups of 48 (the kernel's groups are 32/64/128/256, none of which tiles a group of 48);
+# other widths the reference
+INT4 = cpu_int4.kernel_path(48)
+VARIANTS = [({"bits": 8}, 0.02, "reference"), ({"bits": 4}, 0.15, INT4), ({"bits": 4, "group_size": -1}, 0.15, INT4),
+            ({"bits": 4, "group_size": 48, "sym": True}, 0.15, "reference"),
+            ({"bits": 3, "group_size": 32}, 0.35, "reference")]
 
 
-@pytest.mark.parametrize("params,bound", VARIANTS, ids=lambda p: str(p))
-def test_runs_close_to_float_and_round_trips(model_and_logits, params, bound):
+@pytest.mark.parametrize("params,bound,path", VARIANTS, ids=lambda p: str(p))
+def test_runs_close_to_float_and_round_trips(model_and_logits, params, bound, path):
     model, ids, logits = model_and_logits
     quantized = Affine(**params).quantize(copy.deepcopy(model))
     modules = dict(quantized_modules(quantized))
     assert len(modules) == 14 and all(isinstance(m, AffineLinear) for m in modules.values())
     with torch.no_grad():
         out = quantized(ids).logits
-    assert all(m.kernel_path == "reference" for m in modules.values())
+    assert all(m.kernel_path == path for m in modules.values())
     error = ((out - logits).abs().max() / logits.abs().max()).item()
     assert 0 < error < bound
     rebuilt = copy.deepcopy(quantized)
@@ -72,7 +77,7 @@ def test_storage_bytes_by_hand():
     assert biased.storage_bytes() == 10 * 576 + 10 * 9 * 2 + 10 * 9 + 10 * 4  # + fp32 bias
 
 
-def test_codes_are_the_gptq_rtn_grid():
+def test_codes_are_the_gptq_rtn_grid(reference_path):
     torch.manual_seed(0)
     linear = nn.Linear(576, 6, bias=False)
     layer = AffineLinear.from_linear(linear, 4, 128, False)
@@ -82,9 +87,11 @@ def test_codes_are_the_gptq_rtn_grid():
         scale, zero = minmax_scale_zero(w[:, lo:hi], 4)
         assert torch.equal(codes[:, lo:hi].float(), quantize_to_grid(w[:, lo:hi], scale, zero, 4))
         assert torch.equal(layer.scales[:, g:g + 1], scale.half())
-    # the layer computes with exactly its dequantized weight
+    # the layer computes with exactly its dequantized weight (the reference path; the CPU kernel's
+    # agreement with it is tested in tests/kernels/test_cpu_kernels.py)
     x = torch.randn(3, 576)
     torch.testing.assert_close(layer(x), x @ layer.dequantized_weight().T)
+    assert layer.kernel_path == "reference"
 
 
 @pytest.mark.parametrize("params,match", [

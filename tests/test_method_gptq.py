@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from qbench.kernels import cpu_int4
 from qbench.kernels.gptq_pack import packed_rows
 from qbench.kernels.minmax_grid import fake_quantize, minmax_scale_zero
 from qbench.method import quantizable_linears, quantized_modules
@@ -81,7 +82,8 @@ def test_gptq_output_error_below_rtn_on_every_layer(float_model_and_inputs, bits
 
 
 @pytest.mark.parametrize("static_groups", [False, True])
-def test_act_order_g_idx_and_codes_reproduce_the_algorithm_weights(float_model_and_inputs, static_groups):
+def test_act_order_g_idx_and_codes_reproduce_the_algorithm_weights(float_model_and_inputs, static_groups,
+                                                                   reference_path):
     model, inputs = float_model_and_inputs
     name, linear = next((n, m) for n, m in quantizable_linears(model) if n.endswith("mlp.down_proj"))
     acc = HessianAccumulator(linear.in_features)
@@ -144,7 +146,7 @@ def test_method_quantizes_tiny_llama_and_reports(tmp_path):
         assert stats["damp"] == 0.01 and stats["damp_retries"] == 0
     with torch.no_grad():
         quantized = model(tokens).logits
-    assert next(iter(modules.values())).kernel_path == "reference"
+    assert next(iter(modules.values())).kernel_path == cpu_int4.kernel_path(tokens.numel())  # act-order
     assert (quantized - reference).abs().max() < 0.1 * reference.abs().max()
     # the module's stored tensors are all of its state
     module = modules["model.layers.0.mlp.down_proj"]
@@ -241,7 +243,7 @@ def _hand_pack_4bit(codes_kn):
     return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
 
 
-def test_hand_built_gptq_checkpoint_loads_and_matches_reference_dequant(tmp_path):
+def test_hand_built_gptq_checkpoint_loads_and_matches_reference_dequant(tmp_path, reference_path):
     from safetensors.torch import save_file
 
     model = tiny_llama(seed=2, layers=1)

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from qbench.kernels import cpu_int8
 from qbench.method import quantized_modules
 from qbench.params import QBenchError
 from qbench.plugins.int8_absmax import Int8Absmax, Int8AbsmaxLinear
@@ -26,6 +27,14 @@ VARIANTS = [
     {"activations": "dynamic"}, {"activations": "static"},
     {"activations": "static", "observer": "percentile", "percentile": 99.9},
 ]
+
+
+def cpu_path(params, rows) -> str:
+    """The CPU kernel each variant runs: ATen's int8 weight-only kernel (or the bf16 GEMM for many rows),
+    torch._int_mm for W8A8, and the reference for per-block scales (no such kernel)."""
+    if params.get("activations", "none") != "none":
+        return "cpu:int_mm"
+    return "reference" if params.get("granularity") == "block" else cpu_int8.kernel_path(rows)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +66,7 @@ def test_runs_close_to_float_and_round_trips(model_and_logits, params):
     assert len(modules) == 14 and all(isinstance(m, Int8AbsmaxLinear) for m in modules.values())
     with torch.no_grad():
         out = quantized(ids).logits
-    assert all(m.kernel_path == "reference" for m in modules.values())
+    assert all(m.kernel_path == cpu_path(params, ids.numel()) for m in modules.values())
     error = (out - logits).abs().max() / logits.abs().max()
     assert 0 < error < (0.1 if params.get("observer") == "percentile" else 0.05)  # clipping costs a little more
     # rebuild every layer from what it stores: identical outputs

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from qbench.kernels import cpu_nf4
 from qbench.method import quantizable_linears, quantized_modules
 from qbench.models import tiny_llama
 from qbench.params import QBenchError
@@ -34,7 +35,10 @@ def test_quantizes_every_decoder_linear(params, tiny_model):
         got = model(ids).logits
     assert got.dtype == want.dtype
     assert (got - want).abs().max() < 0.25 * want.abs().max()
-    assert {m.kernel_path for _, m in modules} == {"reference"}
+    # rows of whole blocks run the packed CPU kernel, the others (176 columns at blocksize 64) the reference
+    blocksize = method.values["blocksize"]
+    assert {m.kernel_path for _, m in modules} == {
+        cpu_nf4.kernel_path(ids.numel()) if m.in_features % blocksize == 0 else "reference" for _, m in modules}
     assert method.nominal_bits == 4
 
 

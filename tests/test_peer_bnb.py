@@ -89,7 +89,8 @@ def test_memory_counts_what_bitsandbytes_stores():
 
 
 @pytest.mark.parametrize("in_features", [128, 176])
-def test_bnb_nf4_layer_agrees_with_our_nf4(in_features):
+def test_bnb_nf4_layer_agrees_with_our_nf4(in_features, monkeypatch):
+    monkeypatch.setenv("QBENCH_CPU_KERNEL", "reference")  # our exact path (the CPU kernel has its own tests)
     from qbench.kernels.nf4 import dequantize_nf4_reference
     from qbench.quant.nf4 import NF4Linear
 
@@ -197,6 +198,7 @@ def test_registered_only_when_bitsandbytes_imports(monkeypatch):
 def test_nf4_and_bnb_nf4_perplexity_agree_on_the_demo_model():
     from qbench import host
     from qbench.data import encode, load_text
+    from qbench.kernels._cpu import fp32_arithmetic
     from qbench.models import load_model
     from qbench.suites.perplexity import window_nlls, windows
 
@@ -205,6 +207,7 @@ def test_nf4_and_bnb_nf4_perplexity_agree_on_the_demo_model():
         loaded = load_model("smollm2-135m")
         ids = encode(loaded.tokenizer, load_text("wikitext2").text())
         model = method.quantize(loaded.model)
-        nlls[method.name] = window_nlls(model, windows(ids, 256, 2), torch.device("cpu"))
+        with fp32_arithmetic():  # as the perplexity suite runs: no bf16 kernels on either side
+            nlls[method.name] = window_nlls(model, windows(ids, 256, 2), torch.device("cpu"))
     ppl = {k: math.exp(sum(v) / len(v)) for k, v in nlls.items()}
     assert math.isclose(ppl["nf4"], ppl["bnb-nf4"], rel_tol=1e-3), ppl

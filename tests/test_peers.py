@@ -91,7 +91,8 @@ def test_peers_go_through_qbench_run_like_our_methods(tmp_path):
     out = tmp_path / "run"
     result = qbench_cli("run", "--methods", "int8-absmax,quanto-int8,torchao-int8,hqq", "--models", "tiny-llama",
                         "--suites", "perplexity:seqlen=64", "--limit", "1", "--out", str(out),
-                        env_extra={"QBENCH_CACHE_DIR": str(tmp_path / "cache")})
+                        # our fp32 reference path (the CPU kernel rounds activations to bf16)
+                        env_extra={"QBENCH_CACHE_DIR": str(tmp_path / "cache"), "QBENCH_CPU_KERNEL": "reference"})
     assert result.returncode == 0, result.stderr
     ppl = {r["method"]["label"]: r["metrics"]["ppl"]["value"] for r in read_records(out / "records.jsonl")}
     assert set(ppl) == {"int8-absmax", "quanto-int8", "torchao-int8", "hqq"}

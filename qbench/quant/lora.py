@@ -135,6 +135,8 @@ class LoRALinear(LoRALinearBase):
 class QLoRALinear(NF4Linear, LoRALinearBase):
     """Frozen NF4 weight (an :class:`NF4Linear`) + fp32 LoRA adapters."""
 
+    cpu_kernel = False  # the exact path: the weight PEFT and a merge see
+
     def __init__(self, q: NF4Tensor, bias: torch.Tensor | None, r: int, alpha: float, dropout: float = 0.0,
                  fused: bool = True, generator: torch.Generator | None = None):
         super().__init__(q, bias)

@@ -2,7 +2,8 @@
 
 The weight is a frozen :class:`~qbench.kernels.nf4.NF4Tensor` (packed codes + quant state,
 bit-compatible with bitsandbytes). The forward is :func:`~qbench.kernels.nf4_matmul.nf4_linear`:
-the fused Triton dequantize-matmul on CUDA, the torch reference elsewhere (``kernel_path`` says
+the fused Triton dequantize-matmul on CUDA; on CPU, where no gradient is needed, the packed-code
+kernel of :mod:`qbench.kernels.cpu_nf4`; the torch reference elsewhere (``kernel_path`` says
 which ran). Its backward (the input gradient; the weight is frozen) keeps only the packed weight
 and dequantizes again, on every path, as bitsandbytes' 4-bit matmul does: training through the
 layer never holds a full-precision copy of the weight.
@@ -21,6 +22,8 @@ import torch
 from torch import nn
 
 from qbench.dtypes import dtype_name, dtype_of
+from qbench.kernels import cpu_nf4
+from qbench.kernels._cpu import use_cpu_kernel
 from qbench.kernels._triton import use_triton_in_module
 from qbench.kernels.nf4 import NF4Tensor, dequantize_nf4, dequantize_nf4_reference, quantize_nf4, quantize_nf4_reference
 from qbench.kernels.nf4_matmul import nf4_linear
@@ -39,6 +42,11 @@ def quantize_weight(weight: torch.Tensor, blocksize: int = 64, double_quant: boo
 class NF4Linear(QuantizedLinear):
     """A linear layer whose weight is a frozen :class:`NF4Tensor`; ``compute_dtype`` (None: the
     input's) is the dtype of the matmul. Differentiable w.r.t. the input."""
+
+    # Inference on CPU (no gradient) runs the packed-code kernel, whose prefill rounds
+    # activations to bf16; training stays on the exact path, so a checkpointed recompute and the
+    # first pass agree. Layers that carry adapters set this False (merges and PEFT see the same weight).
+    cpu_kernel = True
 
     def __init__(self, q: NF4Tensor, bias: torch.Tensor | None = None, compute_dtype: torch.dtype | None = None):
         super().__init__()
@@ -78,8 +86,12 @@ class NF4Linear(QuantizedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         compute = self.compute_dtype or x.dtype
         xc = x.to(compute)
-        self.kernel_path = "triton" if use_triton_in_module(xc) else "reference"
         bias = None if self.bias is None else self.bias.to(compute)
+        # fp32 under fp32_arithmetic (bf16_gemm_fast() is then False): NF4's kernels qualify
+        if self.cpu_kernel and use_cpu_kernel(xc, fp32=True) and cpu_nf4.supports(self.q):
+            self.kernel_path = cpu_nf4.kernel_path(xc.shape[:-1].numel())
+            return cpu_nf4.nf4_linear_cpu(xc, self.q, bias).to(x.dtype)
+        self.kernel_path = "triton" if use_triton_in_module(xc) else "reference"
         return nf4_linear(xc, self.q, bias, use_triton=self.kernel_path == "triton").to(x.dtype)
 
     def stored_tensors(self) -> dict[str, torch.Tensor]:
