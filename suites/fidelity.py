@@ -31,10 +31,10 @@ _SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
 def reference_spec(model_info: dict) -> str:
-    """The spec that loads the same model again: a local directory by its path, others by name."""
-    if model_info.get("kind") == "local":
-        return model_info["source"]
-    return model_info["name"]
+    """The spec that loads the same model again (a local directory by its path, random:DIR by its config)."""
+    from qbench.models import model_spec
+
+    return model_spec(model_info)
 
 
 def load_reference(model_info: dict, device: torch.device, dtype: torch.dtype = torch.float32):
