@@ -235,11 +235,13 @@ class Progress:
         line = f"[{self.done}/{self.total}] {cell_label(cell)}: {status} ({record['duration_s']:.1f} s)"
         eta = self.eta_s() if self.pending else None
         eta_text = f"ETA {eta / 60:.1f} min" if eta is not None else ""
+        # a suite's warnings about its own numbers (e.g. latency timed on a busy machine), under the cell's line
+        warned = "".join(f"\n    warning: {w}" for w in (record.get("extra") or {}).get("warnings") or [])
         if self.rich:
-            self.rich.console.print(line)
+            self.rich.console.print(line + warned, markup=False, highlight=False)
             self.rich.update(self.task, completed=self.done, eta=eta_text)
         else:
-            print(line + (f", {eta_text}" if eta_text else ""), flush=True)
+            print(line + (f", {eta_text}" if eta_text else "") + warned, flush=True)
 
     def close(self) -> None:
         if self.rich:

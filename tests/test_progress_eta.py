@@ -62,3 +62,12 @@ def test_resumed_run_counts_only_the_cells_left(capsys):
     progress = Progress(len(cells), 1, remaining=cells[1:])  # fp16 × memory recorded by an earlier run
     finish(progress, cells[1], 12.0)
     assert progress.eta_s() == 0 and "ETA" not in capsys.readouterr().out
+
+
+def test_a_cells_warnings_are_printed_under_its_line(capsys):
+    cells = run_of(["fp16"], ["latency"])
+    progress = Progress(1, 0, remaining=cells)
+    progress.finish(cells[0], {"status": "ok", "duration_s": 3.0,
+                               "extra": {"warnings": ["latency timings are noisy: others used 1.9 of 2 cores"]}})
+    out = capsys.readouterr().out
+    assert out.endswith("(3.0 s)\n    warning: latency timings are noisy: others used 1.9 of 2 cores\n")

@@ -124,6 +124,8 @@ def test_paired_cell_interleaves_method_and_baseline(monkeypatch):
     assert speedup.value == pytest.approx(paired_speedup(times["baseline_decode_s"], times["method_decode_s"])[0],
                                           rel=1e-3)
     assert m["latency_trust"].value == "ok" or m["latency_trust"].value.startswith("noisy: ")
+    # a noisy cell warns under its line in `qbench run` (and notes why in the report)
+    assert ("warnings" in ctx.extra) == m["latency_trust"].value.startswith("noisy")
     if cpuload.sample() is not None:
         assert 0 <= m["own_cpu_share"].value <= 1 and m["others_cpu_cores"].unit == "cores"
         assert ctx.extra["load"]["windows"][0]["cpus"] >= 1
