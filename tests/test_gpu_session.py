@@ -33,7 +33,7 @@ def test_e2e_step_dry_run_on_cpu(tmp_path):
     assert decode_paths["layers"] == 14 and decode_paths["by_shape"]["128x128"]  # 2 layers x 7 linears
     assert latency["metrics"]["decode_speedup_b1"]["ci"] and latency["metrics"]["latency_trust"]["value"]
 
-    graphs = read_records(out / "e2e-graphs-records.jsonl")
+    graphs = list(read_records(out / "e2e-graphs-records.jsonl"))
     assert [(r["status"], r["suite"]["params"]["compile"]) for r in graphs] == [("skipped", "cuda-graphs")]
     assert "needs a CUDA device" in graphs[0]["message"]
 
