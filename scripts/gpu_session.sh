@@ -25,10 +25,12 @@
 #
 # The steps share one time budget, QBENCH_BUDGET_S seconds (default 500, under the device tool's
 # 10-minute call): each command runs under `timeout` with what is left, and a step that would start
-# with under 30 s left is not run. OUT/timings-STEPS.tsv says, per step, its seconds and outcome;
-# a failing step's log is appended to OUT/failed-STEPS.log (STEPS: the steps joined by '-', so two
-# calls' files share a folder). The script exits non-zero if a step failed or did not run. At most
-# 8 files come back from a device call.
+# with under 30 s left is not run; tests, compile and each benchmark also stop after
+# QBENCH_TESTS_MAX_S / QBENCH_COMPILE_MAX_S / QBENCH_BENCH_MAX_S (240 s each) so e2e keeps its
+# time. OUT/timings-STEPS.tsv says, per step, its seconds and outcome; a failing step's log is
+# appended to OUT/failed-STEPS.log (STEPS: the steps joined by '-', so two calls' files share a
+# folder). The script exits non-zero if a step failed or did not run. At most 8 files come back
+# from a device call.
 # --dry-run: the e2e steps on CPU with the tiny config scripts/gpu_models/tiny-llama-shapes
 # (checks the commands here; CUDA graphs are skipped on CPU with their reason).
 # QBENCH_E2E_METHODS replaces the e2e step's methods (the test runs nf4 alone);
@@ -40,7 +42,7 @@ if [ "${1:-}" = "--dry-run" ]; then
     shift
 fi
 if [ $# -lt 2 ]; then
-    sed -n '2,35p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,37p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 out=$(realpath -m "$1")
@@ -70,8 +72,9 @@ if ! python3 -c "import qbench.kernels" 2>/dev/null \
 fi
 
 deadline=$((SECONDS + ${QBENCH_BUDGET_S:-500}))
-limited() {  # run a command under what is left of the budget
+limited() {  # run a command under what is left of the budget, and at most $cap seconds when cap is set
     local left=$((deadline - SECONDS))
+    [ -n "${cap:-}" ] && [ "$left" -gt "$cap" ] && left=$cap
     [ "$left" -gt 5 ] || return 124
     timeout -k 10 "$left" "$@"
 }
@@ -145,7 +148,7 @@ EOF
         ;;
     tests)
         # only the files holding gpu-marked tests: others may import packages the GPU image lacks
-        limited python3 -m pytest -q -m gpu -p no:cacheprovider $(grep -rl "mark.gpu" tests --include="test_*.py") \
+        cap=${QBENCH_TESTS_MAX_S:-240} limited python3 -m pytest -q -m gpu -p no:cacheprovider $(grep -rl "mark.gpu" tests --include="test_*.py") \
             >"$out/gpu-tests.txt" 2>&1 || { status=1; outcome=failed; }  # its own output is the log
         tail -3 "$out/gpu-tests.txt"
         ;;
@@ -153,12 +156,12 @@ EOF
         arch=$(python3 -c "import torch; major, minor = torch.cuda.get_device_capability(); print(major * 10 + minor)")
         first=--first-config
         [ "$step" = compile-full ] && first=
-        limited python3 -m qbench.kernels.compile_check --arch "$arch" $first --markdown "$out/compile.md" >"$log" 2>&1 \
+        cap=${QBENCH_COMPILE_MAX_S:-240} limited python3 -m qbench.kernels.compile_check --arch "$arch" $first --markdown "$out/compile.md" >"$log" 2>&1 \
             || failed compile
         head -5 "$out/compile.md"
         ;;
     nf4 | int8_affine | gptq | lora_nf4)
-        limited python3 -m pytest -q -p no:cacheprovider "tests/benchmarks/bench_$step.py" --benchmark-only \
+        cap=${QBENCH_BENCH_MAX_S:-240} limited python3 -m pytest -q -p no:cacheprovider "tests/benchmarks/bench_$step.py" --benchmark-only \
             --benchmark-json "$out/bench-$step.json" >"$log" 2>&1 || failed "bench-$step"
         tail -3 "$log"
         [ -s "$out/bench-$step.json" ] && { python3 scripts/benchmark_table.py "$out/bench-$step.json" \
