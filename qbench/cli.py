@@ -71,6 +71,9 @@ def _source_roots() -> list[Path]:
 @click.version_option(package_name="qbench-quant")
 def main():
     """qbench: compare LLM quantization methods on equal terms."""
+    from qbench import quiet
+
+    quiet.install()  # known-harmless third-party warnings stay off the terminal (QBENCH_VERBOSE=1 shows them)
 
 
 def _params_table(cls) -> str:

@@ -48,7 +48,9 @@ import importlib.util  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
+import sys  # noqa: E402
 import tempfile  # noqa: E402
+import time  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -111,9 +113,16 @@ def _float_cache_of_demo() -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from qbench.quiet import without_progress_bars
+
     hf_logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    start = time.perf_counter()
+    # transformers draws the GGUF conversion's bar with plain tqdm (disable_progress_bar does not reach it)
+    with without_progress_bars("Converting and de-quantizing GGUF tensors"):
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    print(f"qbench: dequantized the demo model's GGUF file once ({time.perf_counter() - start:.0f} s) into {target}",
+          file=sys.stderr, flush=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{DEMO_MODEL}-", dir=target.parent))
     # transformers refuses save_pretrained on a GGUF-loaded model; the weights are plain floats
@@ -162,6 +171,16 @@ def resolve_model(spec: str) -> dict[str, Any]:
     raise QBenchError(
         f"model {spec!r} not found; use {DEMO_MODEL}, {TINY_MODEL}, a local model directory or a hub id (org/name)"
     )
+
+
+def model_spec(info: dict[str, Any]) -> str:
+    """The spec that loads the model ``info`` describes again (a suite's second copy: the fidelity
+    reference, the latency suite's paired baseline)."""
+    if info.get("kind") == "local":
+        return info["source"]
+    if info.get("kind") == "random":
+        return RANDOM_PREFIX + info["source"]
+    return info["name"]
 
 
 def _resolve_random(spec: str) -> dict[str, Any]:

@@ -117,7 +117,8 @@ def plots(board: pd.DataFrame) -> list[tuple[str, str]]:
     kl, ppl, bits = column_for(board, "fidelity.kl_mean"), column_for(board, "perplexity.ppl"), column_for(
         board, "memory.bits_per_weight")
     memory_ratio = column_for(board, "memory.quantized_layer_bytes:ratio")
-    speedup = column_for(board, "latency.decode_tok_s_b1:ratio")
+    # the paired speed-up (baseline timed in the same cell); records from before it: the ratio of two cells
+    speedup = column_for(board, "latency.decode_speedup_b1") or column_for(board, "latency.decode_tok_s_b1:ratio")
     uses_kl = kl is not None and board[kl].notna().any()
     quality, quality_label = (kl, "KL divergence from FP32 (nats/token, mean)") if uses_kl else (ppl, "perplexity")
     for x, y, title, xlabel, ylabel, reference in (

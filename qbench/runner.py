@@ -186,22 +186,69 @@ def cell_label(cell: dict) -> str:
 
 
 class Progress:
-    """rich progress on a terminal; plain lines otherwise."""
+    """rich progress on a terminal; plain lines otherwise. The ETA is the sum of an estimate for
+    each remaining cell (see :meth:`estimate`), so a run whose slow suites come later is not
+    judged by its first, fast cell."""
 
-    def __init__(self, total: int, done: int, parallel: bool = False):
+    def __init__(self, total: int, done: int, parallel: bool = False, remaining: list[dict] | None = None):
         self.total, self.done = total, done
         self.parallel = parallel  # cells start before earlier ones finish: no index on start lines
-        self.started = time.monotonic()
-        self.finished_here = 0
+        self.pending = {c["id"]: c for c in remaining or []}
+        self.finished: list[tuple[dict, float]] = []  # (cell, seconds) of the cells finished in this run
         self.rich = None
         if sys.stdout.isatty():
-            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
             from rich.progress import Progress as RichProgress
 
             self.rich = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("ETA"), TimeRemainingColumn())
+                                     TextColumn("{task.fields[eta]}"))
             self.rich.start()
-            self.task = self.rich.add_task("cells", total=total, completed=done)
+            self.task = self.rich.add_task("cells", total=total, completed=done, eta="")
+
+    @staticmethod
+    def _key(cell: dict) -> tuple[str, str, str]:
+        return cell["model"], cell["method"]["label"], cell["suite"]["name"]
+
+    def estimate(self, cell: dict) -> float | None:
+        """Seconds ``cell`` should take, from the cells finished so far (None before any): a base
+        time for its model × suite, from the other methods' cells, times its method's factor.
+
+        * base: the mean time of that model × suite; where that model has not run that suite yet,
+          the suite's mean over all models times the model's factor (how much longer than those
+          means its own cells took); where the suite has not run at all, the model's mean, else the
+          mean of everything;
+        * method factor: how much longer than their base the method's own finished cells took (the
+          first cell of a method also quantizes it); 1 before any of them finished.
+        """
+        if not self.finished:
+            return None
+        model, method, suite = self._key(cell)
+        others = [(k, s) for c, s in self.finished if (k := self._key(c))[1] != method]
+        own = [(k, s) for c, s in self.finished if (k := self._key(c))[1] == method]
+
+        def mean(values: list[float]) -> float | None:
+            return sum(values) / len(values) if values else None
+
+        def base(mo: str, su: str) -> float | None:
+            for pool in (others, others + own):  # the method's own cells only when no other method has run
+                exact = mean([s for (m, _, u), s in pool if (m, u) == (mo, su)])
+                if exact is not None:
+                    return exact
+                suite_mean = mean([s for (_, _, u), s in pool if u == su])
+                if suite_mean is not None:
+                    factors = [s / means for (m, _, u), s in pool if m == mo
+                               and (means := mean([t for (_, _, v), t in pool if v == u]))]
+                    return suite_mean * (mean(factors) or 1.0)
+            return mean([s for (m, _, _), s in others + own if m == mo]) or mean([s for _, s in others + own])
+
+        ratios = [s / b for (mo, _, su), s in own if (b := base(mo, su))]
+        return (base(model, suite) or 0.0) * (mean(ratios) or 1.0)
+
+    def eta_s(self) -> float | None:
+        """Seconds left: the estimates of the cells not finished yet (None before the first finishes)."""
+        if not self.finished:
+            return None
+        return sum(self.estimate(c) or 0.0 for c in self.pending.values())
 
     def start(self, cell: dict) -> None:
         if self.rich:
@@ -212,16 +259,19 @@ class Progress:
 
     def finish(self, cell: dict, record: dict) -> None:
         self.done += 1
-        self.finished_here += 1
+        self.pending.pop(cell["id"], None)
+        self.finished.append((cell, float(record.get("duration_s") or 0.0)))
         status = record["status"] + (f": {record.get('message')}" if record["status"] != "ok" else "")
         line = f"[{self.done}/{self.total}] {cell_label(cell)}: {status} ({record['duration_s']:.1f} s)"
+        eta = self.eta_s() if self.pending else None
+        eta_text = f"ETA {eta / 60:.1f} min" if eta is not None else ""
+        # a suite's warnings about its own numbers (e.g. latency timed on a busy machine), under the cell's line
+        warned = "".join(f"\n    warning: {w}" for w in (record.get("extra") or {}).get("warnings") or [])
         if self.rich:
-            self.rich.console.print(line)
-            self.rich.update(self.task, completed=self.done)
+            self.rich.console.print(line + warned, markup=False, highlight=False)
+            self.rich.update(self.task, completed=self.done, eta=eta_text)
         else:
-            remaining = self.total - self.done
-            per = (time.monotonic() - self.started) / max(1, self.finished_here)
-            print(line + (f", ETA {per * remaining / 60:.1f} min" if remaining else ""), flush=True)
+            print(line + (f", {eta_text}" if eta_text else "") + warned, flush=True)
 
     def close(self) -> None:
         if self.rich:
@@ -266,7 +316,7 @@ def _execute_locked(config: RunConfig, cells: list[dict], argv: list[str],
     for note in notes:
         say(note)
     env = environment(config.device)
-    progress = Progress(len(cells), len(cells) - len(todo), parallel=executor.parallel)
+    progress = Progress(len(cells), len(cells) - len(todo), parallel=executor.parallel, remaining=todo)
     failed: list[str] = []
     starts: dict[str, float] = {}
 

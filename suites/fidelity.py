@@ -30,10 +30,10 @@ from qbench.suite import CellContext, Metric, MetricSpec, Suite
 
 
 def reference_spec(model_info: dict) -> str:
-    """The spec that loads the same model again: a local directory by its path, others by name."""
-    if model_info.get("kind") == "local":
-        return model_info["source"]
-    return model_info["name"]
+    """The spec that loads the same model again (a local directory by its path, random:DIR by its config)."""
+    from qbench.models import model_spec
+
+    return model_spec(model_info)
 
 
 def load_reference(model_info: dict, device: torch.device, dtype: torch.dtype = torch.float32):

@@ -72,12 +72,16 @@ def test_aggregation_and_display_unit_come_from_the_spec(tmp_path):
 
 
 def test_records_without_specs_are_described_by_the_installed_suite(tmp_path):
-    recs = [record(m, "latency", {"decode_tok_s_b1": v, "decode_tok_s_b4": 4 * v})
+    recs = [record(m, "latency", {"decode_tok_s_b1": v, "decode_tok_s_b4": 4 * v, "decode_speedup_b4": v / 10})
             for m, v in (("fp16", 10), ("nf4", 15))]
+    recs += [record(m, "memory", {"quantized_layer_bytes": b * MIB}) for m, b in (("fp16", 8), ("nf4", 2))]
     run = write_run(tmp_path / "run", recs)
     board = leaderboard(load_frame(run))
-    assert board["decode speed-up"].tolist() == [1.0, 1.5] and "decode b4 (tok/s)" not in board.columns
-    assert leaderboard(load_frame(run), columns="all")["decode speed-up b4"].tolist() == [1.0, 1.5]
+    assert board["decode b1 (tok/s)"].tolist() == [10, 15] and "decode b4 (tok/s)" not in board.columns
+    assert board["quantized layers (MiB)"].tolist() == [8.0, 2.0] and board["memory vs fp16"].tolist() == [1.0, 0.25]
+    everything = leaderboard(load_frame(run), columns="all")
+    assert everything["decode b4 (tok/s)"].tolist() == [40, 60]
+    assert everything["decode speed-up b4 (paired)"].tolist() == [1.0, 1.5]
 
 
 def test_claims_come_from_records_and_from_methods_and_skip_random_models(tmp_path):

@@ -31,7 +31,7 @@ def test_html_page_has_sortable_table_and_plots(tmp_path):
     assert "<table id='leaderboard'" in page and "addEventListener('click'" in page
     for method in ("fp16", "int8-absmax", "nf4"):
         assert f">{method}</td>" in page
-    for column in ("bits/weight", "ppl", "KL mean (nats/token)", "top-1 agree", "decode speed-up"):
+    for column in ("bits/weight", "ppl", "KL mean (nats/token)", "top-1 agree", "decode speed-up b1 (paired)"):
         assert f">{column}</th>" in page
     pngs = images(page)
     assert len(pngs) == 2 and all(p.startswith(PNG) and len(p) > 5000 for p in pngs)

@@ -111,3 +111,27 @@ def test_qbench_run_on_a_users_text_file(tmp_path):
     assert recs["fp32"]["metrics"]["kl_mean"]["value"] == 0
     assert recs["affine:bits=2,group_size=32"]["metrics"]["kl_mean"]["value"] > 0
     assert recs["fp32"]["dataset"]["protocol"] == "notes.txt/fidelity-s64-vs-fp32/first-2"
+    check_fidelity_only_report(out)
+
+
+def check_fidelity_only_report(run):
+    """A fidelity-only run's report (issue 16, item 7): KL columns carry their unit, the suite's own
+    perplexity is a column, the protocol line names the fidelity suite, and no column is empty."""
+    import io
+    import json
+
+    import pandas as pd
+
+    from qbench.report import render
+
+    md = render(run, "md")
+    for title in ("KL mean (nats/token)", "KL p99 (nats/token)", "top-1 agree", "ppl (fidelity windows)"):
+        assert title in md.splitlines()[0]
+    assert "- fidelity protocol: notes.txt/fidelity-s64-vs-fp32/first-2" in md and "perplexity protocol" not in md
+    board = pd.read_csv(io.StringIO(render(run, "csv")), comment="#")
+    assert not [c for c in board.columns if board[c].isna().all()], "empty columns in a fidelity-only report"
+    assert {"KL mean (nats/token)", "ppl (fidelity windows)"} <= set(board.columns)
+    assert board["ppl (fidelity windows)"].notna().all()
+    rows = json.loads(render(run, "json"))["leaderboard"]
+    assert all(any(r.get(k) is not None for r in rows) for k in rows[0])
+    assert "fidelity protocol: notes.txt/fidelity-s64-vs-fp32/first-2" in json.loads(render(run, "json"))["context"]
