@@ -149,6 +149,10 @@ class GPTQ(Method):
         "sym": Param(bool, True, "symmetric grid (zero point fixed at 2**(bits-1)), as GPTQModel's default"),
         "act_order": Param(bool, False, "quantize columns by descending Hessian diagonal (desc_act)"),
         "static_groups": Param(bool, False, "with act_order: group parameters fixed up front in column order"),
+        "group_aware": Param(bool, False, "group-aware reordering (GPTQModel's GAR): groups by their largest Hessian "
+                             "diagonal, columns by it inside each group; g_idx stays monotonic"),
+        "observer": Param(str, "minmax", "group range: minmax, or mse (clipped to the least rounding error, "
+                          "as the reference quantizer's mse search)", choices=("minmax", "mse")),
         "true_sequential": Param(bool, True, "inside a block, quantize q/k/v, o, gate/up, down in turn"),
         "percdamp": Param(float, 0.01, "dampening, as a fraction of the mean Hessian diagonal",
                           check=lambda v: None if 0 <= v < 10 else "must be in [0, 10)"),
@@ -164,8 +168,14 @@ class GPTQ(Method):
         self.report: dict[str, Any] = {}
 
     def settings(self) -> dict[str, Any]:
-        keys = ("bits", "group_size", "sym", "act_order", "static_groups", "true_sequential", "percdamp", "blocksize")
+        keys = ("bits", "group_size", "sym", "act_order", "static_groups", "group_aware", "observer", "true_sequential",
+                "percdamp", "blocksize")
         return {k: self.values[k] for k in keys}
+
+    def check(self, values: dict[str, Any]) -> str | None:
+        if values["group_aware"] and (values["act_order"] or values["static_groups"]):
+            return "group_aware is an ordering of its own; use it with act_order=false and static_groups=false"
+        return None
 
     def quantize(self, model: nn.Module, calibration=None) -> nn.Module:
         if calibration is None:
