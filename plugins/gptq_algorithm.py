@@ -59,7 +59,8 @@ class LayerQuantization:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-def _group_params(columns: torch.Tensor, bits: int, sym: bool, observer: str = "minmax") -> tuple[torch.Tensor, torch.Tensor]:
+def _group_params(columns: torch.Tensor, bits: int, sym: bool,
+                  observer: str = "minmax") -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero per row of ``columns`` ([out, n]) — min-max, or with the range clipped to the
     least rounding error (``observer="mse"``); scales rounded to fp16 as stored."""
     scale, zero = (mse_scale_zero if observer == "mse" else minmax_scale_zero)(columns, bits, sym)
