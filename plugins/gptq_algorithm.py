@@ -379,13 +379,18 @@ def gptq_quantize_blocks(model: nn.Module, tokens: torch.Tensor, settings: dict[
             group = [n for n in group if wanted is None or prefix + n in wanted]
             if not group:
                 continue
+            # With true_sequential a group's linears read one input tensor (q/k/v, gate/up): one Hessian serves all.
+            shared = settings["true_sequential"] and len(group) > 1
             accumulators = {n: HessianAccumulator(layer.get_submodule(n).in_features, inputs.device, prefix + n)
-                            for n in group}
+                            for n in (group[:1] if shared else group)}
+            if shared:
+                accumulators.update({n: accumulators[group[0]] for n in group[1:]})
             calls: set[str] = set()
             handles = []
 
             def collect(module, args, _name):
-                accumulators[_name].add(args[0])
+                if not shared or _name == group[0]:
+                    accumulators[_name].add(args[0])
                 calls.add(_name)
                 if len(calls) == len(group):  # every input of this group seen: skip the rest
                     calls.clear()
