@@ -226,7 +226,8 @@ def render_comparison(run_a: Path, run_b: Path | None = None, fmt: str = "md", c
     if fmt != "md":
         raise QBenchError(f"unknown format {fmt!r}; valid formats: md, json")
     out = [f"# qbench compare\n\nA: `{result['a']}`  \nB: `{result['b']}`  \n"
-           f"{result['matched']} cells in both, {len(result['only_in_a'])} only in A, "
+           f"{result['matched']} cells in both {'methods' if methods else 'runs'}, "
+           f"{len(result['only_in_a'])} only in A, "
            f"{len(result['only_in_b'])} only in B.\n"]
     verdicts = [r["verdict"] for r in result["metrics"] if r["verdict"]]
     if verdicts:
