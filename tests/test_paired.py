@@ -186,3 +186,16 @@ def test_compare_refuses_to_pair_different_windows_and_says_so(tmp_path):
     (row,) = [r for r in compare_runs(a, b)["metrics"] if r["metric"] == "ppl"]
     assert row["verdict"] is None and "different windows" in row["no_interval"]
     assert "No interval:" in render_comparison(a, b)
+
+
+def test_html_plots_draw_the_paired_interval_as_an_error_bar(tmp_path):
+    from qbench.report_html import _error_bar
+
+    run = write_run(tmp_path / "run", [_ppl_record("fp16", 0), _ppl_record("nf4", 5.0)])
+    board = leaderboard(load_frame(run))
+    base, nf4 = (board.loc[board["method"] == m].iloc[0] for m in ("fp16", "nf4"))
+    below, above = _error_bar(board, "ppl", "tiny-llama", "nf4", float(nf4["ppl"]))
+    # the bar spans baseline + the difference's interval (to the rounding of the board's columns)
+    assert float(nf4["ppl"]) - below == pytest.approx(base["ppl"] + nf4["ppl Δ vs fp16 CI low"], abs=1e-3)
+    assert float(nf4["ppl"]) + above == pytest.approx(base["ppl"] + nf4["ppl Δ vs fp16 CI high"], abs=1e-3)
+    assert _error_bar(board, "ppl", "tiny-llama", "fp16", float(base["ppl"])) is None
