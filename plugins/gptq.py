@@ -234,6 +234,10 @@ class GPTQ(Method):
         "sym": Param(bool, True, "symmetric grid (zero point fixed at 2**(bits-1)), as GPTQModel's default"),
         "act_order": Param(bool, False, "quantize columns by descending Hessian diagonal (desc_act)"),
         "static_groups": Param(bool, False, "with act_order: group parameters fixed up front in column order"),
+        "group_aware": Param(bool, False, "group-aware reordering (GPTQModel's GAR): groups by their largest Hessian "
+                             "diagonal, columns by it inside each group; g_idx stays monotonic"),
+        "observer": Param(str, "minmax", "group range: minmax, or mse (clipped to the least rounding error, "
+                          "as the reference quantizer's mse search)", choices=("minmax", "mse")),
         "true_sequential": Param(bool, True, "inside a block, quantize q/k/v, o, gate/up, down in turn"),
         "percdamp": Param(float, 0.01, "dampening, as a fraction of the mean Hessian diagonal",
                           check=lambda v: None if 0 <= v < 10 else "must be in [0, 10)"),
@@ -245,8 +249,14 @@ class GPTQ(Method):
     }
 
     def settings(self) -> dict[str, Any]:
-        keys = ("bits", "group_size", "sym", "act_order", "static_groups", "true_sequential", "percdamp", "blocksize")
+        keys = ("bits", "group_size", "sym", "act_order", "static_groups", "group_aware", "observer", "true_sequential",
+                "percdamp", "blocksize")
         return {k: self.values[k] for k in keys}
+
+    def check(self, values: dict[str, Any]) -> str | None:
+        if values["group_aware"] and (values["act_order"] or values["static_groups"]):
+            return "group_aware is an ordering of its own; use it with act_order=false and static_groups=false"
+        return None
 
     def quantize(self, model: nn.Module, calibration=None) -> nn.Module:
         if calibration is None:
@@ -270,7 +280,7 @@ class GPTQ(Method):
             return GPTQLinear.from_quantization(linear, result, settings["bits"], settings["group_size"],
                                                 settings["sym"], settings["act_order"])
 
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         run = gptq_quantize_blocks(model, tokens, settings, make, wanted=wanted, log=log.info)
         missing = [name for name, _ in quantizable_linears(model)]
         if missing:  # linears outside the decoder blocks the algorithm walks (unusual architectures)
@@ -281,6 +291,8 @@ class GPTQ(Method):
             "calibration": {"nsamples": int(tokens.shape[0]), "seqlen": int(tokens.shape[1]), "seed": values["seed"],
                             "device_default": values["nsamples"] is None or values["seqlen"] is None},
             "quantize_seconds": round(time.perf_counter() - started, 2),
+            # CPU seconds of all threads: on a shared machine wall time says more about the load than the method
+            "quantize_cpu_seconds": round(time.process_time() - cpu_started, 2),
             "capture_seconds": run["capture_seconds"],
             "damp_retries": run["damp_retries"],
             "layers_with_retries": [n for n, s in run["layers"].items() if s["damp_retries"]],

@@ -199,6 +199,7 @@ class Int8Absmax(Method):
                             check=lambda v: None if 0 < v <= 100 else "must be in (0, 100]"),
         "nsamples": Param(int, 16, "calibration windows (activations=static)", check=_positive),
         "seqlen": Param(int, 512, "tokens per calibration window (activations=static)", check=_positive),
+        "seed": Param(int, 0, "seed of the calibration windows (activations=static)"),
     }
 
     @property
@@ -211,6 +212,8 @@ class Int8Absmax(Method):
                     "use granularity=channel or tensor with activations=dynamic/static")
         if values["observer"] != "max" and values["activations"] != "static":
             return "observer applies to activations=static only"
+        if values["seed"] != 0 and values["activations"] != "static":
+            return "seed picks the calibration windows of activations=static; other settings draw nothing"
         return None
 
     def quantize(self, model: nn.Module, calibration=None) -> nn.Module:
@@ -219,7 +222,7 @@ class Int8Absmax(Method):
         if v["activations"] == "static":
             if calibration is None:
                 raise QBenchError("int8-absmax with activations=static needs calibration data")
-            windows = calibration.sample(v["nsamples"], v["seqlen"], 0)
+            windows = calibration.sample(v["nsamples"], v["seqlen"], v["seed"])
             names = [name for name, _ in quantizable_linears(model)]
             act_absmax = observe_activation_absmax(model, windows, names, v["observer"], v["percentile"])
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from qbench.paired import RESAMPLES as RESAMPLES_DEFAULT
 from qbench.params import QBenchError, parse_specs
 
 
@@ -208,14 +209,30 @@ def run(methods_, models, suites_, dataset, data_dir, calibration, out, limit, d
 @click.option("--format", "fmt", default="md", show_default=True, type=click.Choice(["md", "csv", "json", "html"]))
 @click.option("--columns", default="headline", show_default=True, type=click.Choice(["headline", "all"]),
               help="headline columns, or every metric the suites describe (all batch sizes, configurations...)")
+@click.option("--resamples", default=RESAMPLES_DEFAULT, show_default=True, type=click.IntRange(min=1),
+              help="bootstrap resamples for the intervals of the differences against the baseline")
+@click.option("--bootstrap-seed", default=0, show_default=True, type=int, help="seed of the bootstrap")
+@click.option("--seed-spread", is_flag=True,
+              help="instead of the leaderboard: a metric's value per seed, mean, sd and range, for methods run "
+                   "with several seeds (markdown)")
+@click.option("--metric", default="ppl", show_default=True, help="the metric of --seed-spread")
 @click.option("-o", "--output", default=None, help="write to this file instead of stdout")
 @user_errors
-def report(run_dir, fmt, columns, output):
+def report(run_dir, fmt, columns, resamples, bootstrap_seed, seed_spread, metric, output):
     """Render the leaderboard of RUN_DIR as markdown, csv, json or html."""
     from qbench.durable import write_atomic
     from qbench.report import render
 
-    text = render(Path(run_dir), fmt, columns)
+    if not Path(run_dir).is_dir():
+        raise QBenchError(f"run directory {run_dir} does not exist")
+    if seed_spread:
+        from qbench.seeds import seed_spread_markdown
+
+        if fmt != "md":
+            raise QBenchError("--seed-spread writes markdown; drop --format")
+        text = seed_spread_markdown(Path(run_dir), metric, command="qbench report " + " ".join(sys.argv[2:]))
+    else:
+        text = render(Path(run_dir), fmt, columns, resamples=resamples, seed=bootstrap_seed)
     if output:
         write_atomic(Path(output), text, then="")
     else:
@@ -224,18 +241,29 @@ def report(run_dir, fmt, columns, output):
 
 @main.command()
 @click.argument("run_a")
-@click.argument("run_b")
+@click.argument("run_b", required=False)
+@click.option("--methods", "methods_", default=None,
+              help="compare two methods of RUN_A instead of two runs: A,B (e.g. affine:bits=4,group_size=128,gptq)")
 @click.option("--format", "fmt", default="md", show_default=True, type=click.Choice(["md", "json"]))
 @click.option("--changed-only", is_flag=True, help="list only metrics whose value changed")
+@click.option("--resamples", default=RESAMPLES_DEFAULT, show_default=True, type=click.IntRange(min=1),
+              help="bootstrap resamples for the paired intervals")
+@click.option("--bootstrap-seed", default=0, show_default=True, type=int, help="seed of the bootstrap")
 @click.option("-o", "--output", default=None, help="write to this file instead of stdout")
 @user_errors
-def compare(run_a, run_b, fmt, changed_only, output):
-    """Show what changed from RUN_A to RUN_B: same cells (method × model × suite), metric deltas, cells in one
-    run only."""
-    from qbench.compare import render_comparison
+def compare(run_a, run_b, methods_, fmt, changed_only, resamples, bootstrap_seed, output):
+    """What changed from RUN_A to RUN_B (or from method A to method B in RUN_A, with --methods A,B):
+    same cells, metric deltas with a 95% interval and a verdict (better / worse / indistinguishable),
+    cells in one run only."""
+    from qbench.compare import method_labels, render_comparison
     from qbench.durable import write_atomic
 
-    text = render_comparison(Path(run_a), Path(run_b), fmt, changed_only=changed_only)
+    for run in (run_a, run_b):
+        if run is not None and not Path(run).is_dir():
+            raise QBenchError(f"run directory {run} does not exist")
+    methods = method_labels(methods_) if methods_ else None
+    text = render_comparison(Path(run_a), Path(run_b) if run_b else None, fmt, changed_only=changed_only,
+                             methods=methods, resamples=resamples, seed=bootstrap_seed)
     if output:
         write_atomic(Path(output), text, then="")
     else:

@@ -7,11 +7,22 @@ show up. Error and skipped cells are shown as such, never dropped.
 """
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from qbench.paired import (
+    BOOTSTRAP_SEED,
+    RESAMPLES,
+    Interval,
+    PairingError,
+    SampleSet,
+    normal_interval,
+    paired_bootstrap,
+)
 from qbench.params import QBenchError
 from qbench.records import load_latest
 from qbench.suite import MetricSpec
@@ -22,6 +33,12 @@ COLUMN_CHOICES = ("headline", "all")
 # Suffixes of the frame columns holding a metric's uncertainty, and of the board columns showing it.
 STDERR, CI_LOW, CI_HIGH = "#stderr", "#ci_low", "#ci_high"
 UNCERTAINTY_TITLES = {STDERR: "{} ±", CI_LOW: "{} CI low", CI_HIGH: "{} CI high"}
+SIGNIFICANT = "#significant"  # of a derived column: its interval excludes "no difference"
+DERIVED_TITLES = {CI_LOW: "{} CI low", CI_HIGH: "{} CI high", SIGNIFICANT: "{} significant"}
+# Columns beside a metric when a method was run with several seeds: mean and spread over the seeds.
+SEED_STATS = ("mean", "sd", "min", "max", "n")
+SEED_TITLES = {"mean": "{} over seeds", "sd": "{} over seeds sd", "min": "{} over seeds min",
+               "max": "{} over seeds max", "n": "{} seeds"}
 
 
 def _spec_of(rec: dict, name: str, metric: Any) -> MetricSpec | None:
@@ -60,6 +77,9 @@ def load_frame(run_dir: Path) -> pd.DataFrame:
             "env": rec.get("env"),
             "kernel_paths": ",".join(rec.get("kernel_paths") or []),
             "finished_at": rec.get("finished_at"),
+            "samples": (rec.get("extra") or {}).get("samples") or {},
+            "seed_group": _seed_group(rec),
+            "method_seed": (rec["method"].get("params") or {}).get("seed"),
         }
         for name, metric in (rec.get("metrics") or {}).items():
             key = f"{rec['suite']['name']}.{name}"
@@ -77,6 +97,12 @@ def load_frame(run_dir: Path) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     frame.attrs["metric_specs"], frame.attrs["metric_units"] = specs, units
     return frame
+
+
+def _seed_group(rec: dict) -> str:
+    """The method with every parameter but ``seed``: rows that differ only in the seed share it."""
+    params = {k: v for k, v in (rec["method"].get("params") or {}).items() if k != "seed"}
+    return json.dumps([rec["method"]["name"], params], sort_keys=True, default=str)
 
 
 def _aggregate(values: pd.Series, how: str):
@@ -143,13 +169,90 @@ def columns_of(frame: pd.DataFrame, columns: str = "headline") -> list[tuple[str
     return chosen
 
 
-def leaderboard(frame: pd.DataFrame, columns: str = "headline") -> pd.DataFrame:
+def _picked_samples(group: pd.DataFrame, key: str, spec: MetricSpec) -> SampleSet | None:
+    """The sample set behind the value ``_aggregate`` picked for ``key`` in ``group`` (one record's),
+    or None when the metric has none or its value combines several records."""
+    if not spec.samples or key not in group:
+        return None
+    values = group[key].dropna()
+    if not len(values) or (spec.aggregate not in ("first", "last") and len(values) > 1):
+        return None
+    row = group.loc[values.index[0] if spec.aggregate == "first" else values.index[-1]]
+    data = (row["samples"] or {}).get(spec.samples)
+    return SampleSet.from_json(data) if data else None
+
+
+def _interval_vs_baseline(row: dict, base: dict, title: str, spec: MetricSpec, sets: dict, unit_factor: float,
+                          resamples: int, seed: int) -> tuple[Interval | None, str | None]:
+    """The interval of ``row``'s derived value against ``base`` for metric column ``title``: paired
+    bootstrap when both carry samples, normal from both stderrs otherwise. (None, why) when neither."""
+    mine, theirs = sets.get((row["model"], row["method"], title)), sets.get((base["model"], base["method"], title))
+    if mine is not None and theirs is not None:
+        try:
+            interval = paired_bootstrap(mine, theirs, spec.statistic, spec.vs_baseline, resamples, seed,
+                                        what_a=f"{row['method']} ({title})", what_b=base["method"])
+        except PairingError as exc:
+            return None, str(exc)
+        if spec.vs_baseline == "diff" and unit_factor != 1:
+            interval = Interval(interval.value * unit_factor, interval.low * unit_factor, interval.high * unit_factor,
+                                0.0, interval.method, interval.n, interval.resamples)
+        return interval, None
+    stderr = UNCERTAINTY_TITLES[STDERR].format(title)
+    if all(_present(r.get(stderr)) and _present(r.get(title)) and not isinstance(r.get(title), str)
+           for r in (row, base)):
+        return normal_interval(float(row[title]), float(base[title]), float(row[stderr]), float(base[stderr]),
+                               spec.vs_baseline), None
+    return None, None
+
+
+def _seed_columns(board: pd.DataFrame, frame: pd.DataFrame, chosen) -> dict[str, dict[str, str]]:
+    """Mean, sd, min, max and count over seeds beside each metric whose value moves with the seed, on
+    every row of a method run with several seeds (rows differing only in ``seed``). Returns, per
+    metric title, the columns added."""
+    groups = frame.drop_duplicates(["model", "method"]).set_index(["model", "method"])["seed_group"].to_dict()
+    added: dict[str, dict[str, str]] = {}
+    members: dict[tuple, list[int]] = {}
+    for i, r in enumerate(board.to_dict("records")):
+        members.setdefault((r["model"], groups.get((r["model"], r["method"]))), []).append(i)
+    swept = [rows for rows in members.values() if len(rows) > 1]
+    if not swept:
+        return added
+    for _, spec, title in chosen:
+        if spec.higher_is_better is None or title not in board:
+            continue
+        stats: dict[int, dict[str, float]] = {}
+        for rows in swept:
+            values = [float(board.at[i, title]) for i in rows
+                      if _present(board.at[i, title]) and not isinstance(board.at[i, title], str)]
+            if len(values) < 2:
+                continue
+            mean = sum(values) / len(values)
+            sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+            for i in rows:
+                stats[i] = {"mean": mean, "sd": sd, "min": min(values), "max": max(values), "n": len(values)}
+        if not stats or all(st["sd"] == 0 for st in stats.values()):
+            continue  # the same for every seed (storage, bits): nothing to show
+        cols = {k: SEED_TITLES[k].format(title) for k in SEED_STATS}
+        for k, col in cols.items():
+            values = [stats[i][k] if i in stats else None for i in range(len(board))]
+            board[col] = pd.array(values, dtype="Int64") if k == "n" else values
+        added[title] = cols
+    return added
+
+
+def leaderboard(frame: pd.DataFrame, columns: str = "headline", resamples: int = RESAMPLES,
+                seed: int = BOOTSTRAP_SEED) -> pd.DataFrame:
     """One row per model × method: the metrics the suites declared as columns, each against the
-    run's baseline row where its spec asks, then quantization time, kernel paths and status.
-    A column no row has a value for is left out. ``board.attrs["keys"]`` maps titles to metric keys."""
+    run's baseline row where its spec asks (with a 95% interval where the rows carry per-window
+    samples or standard errors), then quantization time, kernel paths and status; beside a metric,
+    its mean and spread over seeds where a method ran with several. A column no row has a value for
+    is left out. ``board.attrs``: ``keys`` maps titles to metric keys, ``uncertainty`` / ``derived`` /
+    ``seeds`` name the columns holding intervals and seed statistics, ``interval_notes`` says why a
+    difference has no interval."""
     chosen = columns_of(frame, columns)
     units = frame.attrs.get("metric_units", {})
     out_rows = []
+    sets: dict[tuple[str, str, str], SampleSet] = {}  # (model, method, title) -> samples behind the value
     for (model, method), group in frame.groupby(["model", "method"], sort=False):
         row: dict[str, Any] = {"model": model, "method": method}
         for key, spec, title in chosen:
@@ -157,6 +260,9 @@ def leaderboard(frame: pd.DataFrame, columns: str = "headline") -> pd.DataFrame:
             row[title] = _display(_aggregate(values, spec.aggregate), units.get(key, ""), spec)
             for suffix, value in _uncertainty(group, key, spec.aggregate).items():
                 row[UNCERTAINTY_TITLES[suffix].format(title)] = _display(value, units.get(key, ""), spec)
+            picked = _picked_samples(group, key, spec)
+            if picked is not None:
+                sets[(model, method, title)] = picked
         paths = sorted({p for v in group["kernel_paths"].dropna() for p in v.split(",") if p})
         row["kernels"] = ",".join(paths) or None
         q = group["quantize_s"].dropna()
@@ -168,7 +274,26 @@ def leaderboard(frame: pd.DataFrame, columns: str = "headline") -> pd.DataFrame:
     board = pd.DataFrame(out_rows)
     if board.empty:
         return board
-    order, keys, uncertainty = ["model", "method"], {}, {}
+    seed_cols = _seed_columns(board, frame, chosen)
+    # For plots: each row's paired interval of (value − baseline value), per metric with samples.
+    diff_intervals: dict[str, dict[tuple[str, str], tuple[float, float]]] = {}
+    for key, spec, title in chosen:
+        if not spec.samples:
+            continue
+        factor = DISPLAY_UNITS.get((units.get(key, ""), spec.display_unit), 1.0)
+        for r in board.to_dict("records"):
+            base = baseline_row(board, r["model"])
+            mine, theirs = sets.get((r["model"], r["method"], title)), sets.get((r["model"], (base or {}).get("method"),
+                                                                                title))
+            if base is None or base["method"] == r["method"] or mine is None or theirs is None:
+                continue
+            try:
+                iv = paired_bootstrap(mine, theirs, spec.statistic, "diff", resamples, seed)
+            except PairingError:
+                continue
+            diff_intervals.setdefault(title, {})[(r["model"], r["method"])] = (iv.low * factor, iv.high * factor)
+    order, keys, uncertainty, derived_cols, notes = ["model", "method"], {}, {}, {}, []
+    intervals = 0
     for key, spec, title in chosen:
         order.append(title)
         keys[title] = key
@@ -176,12 +301,35 @@ def leaderboard(frame: pd.DataFrame, columns: str = "headline") -> pd.DataFrame:
             if template.format(title) in board.columns:
                 order.append(template.format(title))
                 uncertainty.setdefault(title, {})[suffix] = template.format(title)
+        order.extend(seed_cols.get(title, {}).values())
         if spec.vs_baseline:
             derived = spec.baseline_title if spec.baseline_title not in keys else f"{spec.baseline_title} [{key}]"
+            records = board.to_dict("records")
             board[derived] = [_against((baseline_row(board, r["model"]) or {}).get(title), r[title], spec.vs_baseline)
-                              for r in board.to_dict("records")]
+                              for r in records]
             order.append(derived)
             keys[derived] = f"{key}:{spec.vs_baseline}"
+            factor = DISPLAY_UNITS.get((units.get(key, ""), spec.display_unit), 1.0)
+            digits = 2 if spec.vs_baseline == "percent" else 4
+            bounds: dict[str, list] = {suffix: [None] * len(records) for suffix in DERIVED_TITLES}
+            for i, r in enumerate(records):
+                base = baseline_row(board, r["model"])
+                if base is None or base["method"] == r["method"] or board.at[i, derived] is None:
+                    continue
+                interval, why = _interval_vs_baseline(r, base, title, spec, sets, factor, resamples, seed)
+                if why:
+                    notes.append(f"no interval for {derived} of {r['method']} on {r['model']}: {why}")
+                if interval is None or not math.isfinite(interval.low):
+                    continue
+                intervals += 1
+                bounds[CI_LOW][i], bounds[CI_HIGH][i] = round(interval.low, digits), round(interval.high, digits)
+                bounds[SIGNIFICANT][i] = interval.significant
+            if any(v is not None for v in bounds[CI_LOW]):
+                derived_cols[derived] = {}
+                for suffix, template in DERIVED_TITLES.items():
+                    board[template.format(derived)] = bounds[suffix]
+                    order.append(template.format(derived))
+                    derived_cols[derived][suffix] = template.format(derived)
     order += ["quantize (s)", "kernels", "status"]
     metric_titles = set(keys) | {c for cols in uncertainty.values() for c in cols.values()}
     shown = [c for c in order if not (c in metric_titles and board[c].isna().all())]
@@ -190,12 +338,33 @@ def leaderboard(frame: pd.DataFrame, columns: str = "headline") -> pd.DataFrame:
     # title -> {suffix: column}: the columns holding each shown metric's stderr / CI bounds
     board.attrs["uncertainty"] = {t: {s: c for s, c in cols.items() if c in shown}
                                   for t, cols in uncertainty.items() if t in shown}
+    board.attrs["derived"] = {t: cols for t, cols in derived_cols.items() if t in shown}
+    board.attrs["seeds"] = {t: cols for t, cols in seed_cols.items() if t in shown}
+    board.attrs["interval_notes"] = list(dict.fromkeys(notes))
+    board.attrs["intervals"] = {"count": intervals, "resamples": resamples, "seed": seed}
+    board.attrs["diff_intervals"] = {t: v for t, v in diff_intervals.items() if t in shown}
     return board
+
+
+def _plus_minus(value: float, low: float, high: float) -> str:
+    """"+1.23 ± 0.45": the value and half the interval's width, to the interval's precision."""
+    half = (high - low) / 2
+    if half <= 0:
+        return f"{value:+.6g} ± 0"
+    decimals = max(0, 1 - math.floor(math.log10(half)))
+    return f"{value:+.{decimals}f} ± {half:.{decimals}f}"
+
+
+def _objects(values: list, frame: pd.DataFrame) -> pd.Series:
+    """A column of Python objects: a plain list would turn None into NaN, which prints as "nan"."""
+    return pd.Series(values, dtype=object, index=frame.index)
 
 
 def with_uncertainty_in_cells(board: pd.DataFrame) -> pd.DataFrame:
     """For reading: each value with its uncertainty in one cell ("0.652 ± 0.011", "1.52 [1.41, 1.63]"),
-    the separate uncertainty columns dropped. Blank where nothing was measured."""
+    each difference against the baseline as "Δ ± half-width" ("(n.s.)" when its interval contains no
+    difference), each seed mean as "mean ± sd (n seeds)"; the separate columns dropped. Blank where
+    nothing was measured."""
     shown = board.astype(object).where(board.notna(), None)
     drop = []
     for title, cols in board.attrs.get("uncertainty", {}).items():
@@ -210,8 +379,24 @@ def with_uncertainty_in_cells(board: pd.DataFrame) -> pd.DataFrame:
             if CI_LOW in cols and CI_HIGH in cols and shown[cols[CI_LOW]].iloc[i] is not None:
                 text += f" [{shown[cols[CI_LOW]].iloc[i]:.4g}, {shown[cols[CI_HIGH]].iloc[i]:.4g}]"
             cells.append(text)
-        shown[title] = cells
+        shown[title] = _objects(cells, shown)
         drop.extend(cols.values())
+    for title, cols in board.attrs.get("derived", {}).items():
+        cells = []
+        for i, value in enumerate(shown[title]):
+            low, high = shown[cols[CI_LOW]].iloc[i], shown[cols[CI_HIGH]].iloc[i]
+            if value is None or isinstance(value, str) or low is None:
+                cells.append(value)
+                continue
+            cells.append(_plus_minus(float(value), float(low), float(high))
+                         + ("" if shown[cols[SIGNIFICANT]].iloc[i] else " (n.s.)"))
+        shown[title] = _objects(cells, shown)
+        drop.extend(cols.values())
+    for title, cols in board.attrs.get("seeds", {}).items():
+        mean_col = cols["mean"]
+        shown[mean_col] = _objects([None if m is None else f"{m:.4g} ± {sd:.2g} ({int(n)} seeds)"
+                                    for m, sd, n in zip(shown[mean_col], shown[cols["sd"]], shown[cols["n"]])], shown)
+        drop.extend(c for k, c in cols.items() if k != "mean")
     return shown.drop(columns=drop)
 
 
@@ -252,12 +437,21 @@ def claim_lines(frame: pd.DataFrame, board: pd.DataFrame) -> list[str]:
             mine = board[(board["model"] == model) & (board["method"] == method)]
             if base is None or title is None or mine.empty:
                 continue
-            delta = _against(base.get(title), mine.iloc[0][title], claim.get("compare", "diff"))
+            compare = claim.get("compare", "diff")
+            delta = _against(base.get(title), mine.iloc[0][title], compare)
             if delta is None:
                 continue
             holds = delta < claim["below"] if "below" in claim else delta > claim["above"]
-            lines.append(f"claim '{claim['claim']}' for {method} on {model}: measured Δ {delta:+.3f}: "
-                         f"{'holds' if holds else 'does not hold'}")
+            verdict, measured = ("holds" if holds else "does not hold"), f"{delta:+.3f}"
+            derived = column_for(board, f"{claim['metric']}:{compare}")
+            cols = board.attrs.get("derived", {}).get(derived or "", {})
+            low, high = (mine.iloc[0][cols[CI_LOW]], mine.iloc[0][cols[CI_HIGH]]) if cols else (None, None)
+            if _present(low) and _present(high):  # the verdict of the whole interval, not of the point
+                measured += f" [{low:+.3f}, {high:+.3f}]"
+                inside = claim["below"] if "below" in claim else claim["above"]
+                if low <= inside <= high:
+                    verdict = "undecided (the 95% interval contains the threshold)"
+            lines.append(f"claim '{claim['claim']}' for {method} on {model}: measured Δ {measured}: {verdict}")
     return list(dict.fromkeys(lines))
 
 

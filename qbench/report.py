@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from qbench.leaderboard import claim_lines, leaderboard, load_frame, with_uncertainty_in_cells
+from qbench.paired import BOOTSTRAP_SEED, RESAMPLES, describe_method
 from qbench.params import QBenchError
 from qbench.records import read_run_json
 
@@ -52,12 +53,28 @@ def context_lines(frame: pd.DataFrame, run_dir: Path) -> list[str]:
     return lines
 
 
-def render(run_dir: Path, fmt: str, columns: str = "headline") -> str:
+def interval_lines(board: pd.DataFrame) -> list[str]:
+    """What the intervals on the differences are (method, resamples, seed), what '± over seeds' is,
+    and why a difference has no interval where it has none."""
+    lines = []
+    if board.attrs.get("derived"):
+        info = board.attrs["intervals"]
+        lines.append(describe_method(info["resamples"], info["seed"]))
+    if board.attrs.get("seeds"):
+        lines.append("'over seeds': mean ± sample standard deviation over the rows that differ only in the "
+                     "method's seed (each row keeps its single-seed value; csv/json also have min and max)")
+    lines.extend(board.attrs.get("interval_notes", []))
+    return lines
+
+
+def render(run_dir: Path, fmt: str, columns: str = "headline", resamples: int = RESAMPLES,
+           seed: int = BOOTSTRAP_SEED) -> str:
     """The leaderboard of ``run_dir`` in ``fmt`` (md, csv, json, html); ``columns="all"`` adds every
-    titled metric, not only the headline ones."""
+    titled metric, not only the headline ones; ``resamples`` and ``seed`` drive the bootstrap
+    intervals of the differences."""
     frame = load_frame(run_dir)
-    board = leaderboard(frame, columns)
-    context = context_lines(frame, run_dir)
+    board = leaderboard(frame, columns, resamples=resamples, seed=seed)
+    context = context_lines(frame, run_dir) + interval_lines(board)
     claims = claim_lines(frame, board)
     if fmt == "csv":
         # Context as leading comment lines: pandas.read_csv(path, comment="#") skips them; text fields

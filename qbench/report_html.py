@@ -3,7 +3,10 @@ header, a few lines of inline JavaScript) and plots embedded as base64 PNG:
 
 * perplexity (or, where the run has the fidelity suite, KL divergence from FP32) against bits per
   weight, one point per method, the FP16 baseline as a reference line;
-* decode speed-up against memory saved in the quantized layers, FP16 at (0 %, 1×).
+* decode speed-up against memory saved in the quantized layers, FP16 at (0 %, 1×);
+
+each point with an error bar where the run measured its uncertainty: the 95% paired interval of its
+difference from the baseline (drawn from the baseline's value), else its own interval or stderr.
 
 Plots need matplotlib (the ``plots`` extra); without it the page says so and still has the table.
 """
@@ -17,7 +20,8 @@ from typing import Any
 
 import pandas as pd
 
-from qbench.leaderboard import baseline_row, column_for, with_uncertainty_in_cells
+from qbench.leaderboard import CI_HIGH, CI_LOW, STDERR, baseline_row, column_for, with_uncertainty_in_cells
+from qbench.paired import Z95
 
 
 def _is_number(v: Any) -> bool:
@@ -94,6 +98,26 @@ def _points(board: pd.DataFrame, x: str, y: str) -> list[tuple[str, str, float, 
     return out
 
 
+def _error_bar(board: pd.DataFrame, y: str, model: str, method: str, value: float) -> tuple[float, float] | None:
+    """(below, above) the point for ``y``'s error bar: the paired 95% interval of the row's difference
+    from the baseline, drawn from the baseline's value (so a bar that crosses the baseline line is a
+    difference the run cannot tell from none); else the interval or ±1.96 stderr the value carries."""
+    row = board[(board["model"] == model) & (board["method"] == method)].iloc[0]
+    paired = board.attrs.get("diff_intervals", {}).get(y, {}).get((model, method))
+    base = baseline_row(board, model)
+    if paired is not None and base is not None and _is_number(base.get(y)):
+        low, high = float(base[y]) + paired[0], float(base[y]) + paired[1]
+        return max(0.0, value - low), max(0.0, high - value)
+    for cols in (board.attrs.get("derived", {}).get(y), board.attrs.get("uncertainty", {}).get(y)):
+        if not cols:
+            continue
+        if CI_LOW in cols and _is_number(row.get(cols[CI_LOW])) and _is_number(row.get(cols[CI_HIGH])):
+            return max(0.0, value - float(row[cols[CI_LOW]])), max(0.0, float(row[cols[CI_HIGH]]) - value)
+        if STDERR in cols and _is_number(row.get(cols[STDERR])):
+            return (Z95 * float(row[cols[STDERR]]),) * 2
+    return None
+
+
 def _png(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
@@ -137,10 +161,18 @@ def plots(board: pd.DataFrame) -> list[tuple[str, str]]:
         if not points:
             continue
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        has_bars = False
         models = sorted({p[0] for p in points})
         for model in models:
             mine = [p for p in points if p[0] == model]
             ax.scatter([p[2] for p in mine], [p[3] for p in mine], label=model if len(models) > 1 else None, zorder=3)
+            bars = [(p, _error_bar(data, y, model, p[1], p[3])) for p in mine]
+            bars = [(p, bar) for p, bar in bars if bar is not None]
+            if bars:
+                has_bars = True
+                ax.errorbar([p[2] for p, _ in bars], [p[3] for p, _ in bars], fmt="none", ecolor="black",
+                            elinewidth=1, capsize=3, zorder=2,
+                            yerr=[[bar[0] for _, bar in bars], [bar[1] for _, bar in bars]])
             for _, method, px, py in mine:
                 ax.annotate(method, (px, py), textcoords="offset points", xytext=(4, 4), fontsize=8)
             base = baseline_row(data, model)
@@ -153,7 +185,8 @@ def plots(board: pd.DataFrame) -> list[tuple[str, str]]:
             ax.axvline(0.0, linestyle=":", color="gray", linewidth=1)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
-        ax.set_title(title)
+        ax.set_title(title + ("\n(bars: 95% interval of the difference from the baseline)" if has_bars else ""),
+                     fontsize=10 if has_bars else None)
         ax.grid(True, alpha=0.3)
         handles, labels = ax.get_legend_handles_labels()
         if labels:

@@ -29,6 +29,7 @@ from qbench.records import (
     repair_torn_tail,
     warn,
 )
+from qbench.seeds import expand_seed_sweeps
 
 DEFAULT_METHODS = "fp16,int8-absmax,affine:bits=4,group_size=128,nf4"
 DEFAULT_SUITES = "memory,latency,perplexity"
@@ -93,7 +94,7 @@ def plan(config: RunConfig) -> list[dict[str, Any]]:
     if config.dtype not in ("auto", *DTYPE_NAMES):
         raise QBenchError(f"--dtype {config.dtype!r} is not valid; valid: auto, float32, float16, bfloat16")
     check_device(config.device)
-    methods = [host.make_method(s.name, s.params) for s in config.methods]
+    methods = [host.make_method(s.name, s.params) for s in expand_seed_sweeps(config.methods)]
     suites = [host.make_suite(s.name, s.params) for s in config.suites]
     if not config.models:
         raise QBenchError("no models given; e.g. --models smollm2-135m")

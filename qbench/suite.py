@@ -17,6 +17,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
+from qbench.paired import check_statistic
 from qbench.params import Param, QBenchError, label, validate_params
 
 AGGREGATES = ("last", "first", "mean", "min", "max")
@@ -55,6 +56,12 @@ class MetricSpec:
     * ``vs_baseline`` + ``baseline_title``: a derived column against the run's baseline row
       (fp16, bf16 or fp32 of the same model): ``diff`` (value − base), ``ratio`` (value / base),
       ``percent`` (100 · value / base, e.g. accuracy recovery).
+    * ``samples`` + ``statistic``: the metric is computed from the per-window (per-item) sample set
+      of that name the record keeps (``extra.samples``, see :mod:`qbench.paired`), as
+      ``statistic = (function, column, ...)`` with function ``mean``, ``ratio`` (Σ a / Σ b) or
+      ``exp_ratio`` (exp(Σ a / Σ b)). Reports then give every difference of it between two cells
+      over the same windows a paired bootstrap interval. ``{0}`` in ``samples`` takes what the
+      name's ``*`` matched (one set per task).
     """
 
     title: str
@@ -64,6 +71,8 @@ class MetricSpec:
     display_unit: str | None = None
     vs_baseline: str | None = None
     baseline_title: str | None = None
+    samples: str | None = None
+    statistic: tuple[str, ...] | None = None
 
     def __post_init__(self):
         if self.aggregate not in AGGREGATES:
@@ -72,17 +81,26 @@ class MetricSpec:
             raise ValueError(f"MetricSpec.vs_baseline must be one of {BASELINE_COMPARISONS}, not {self.vs_baseline!r}")
         if self.vs_baseline and not self.baseline_title:
             raise ValueError("MetricSpec.vs_baseline needs a baseline_title")
+        if (self.samples is None) != (self.statistic is None):
+            raise ValueError("MetricSpec.samples and MetricSpec.statistic go together")
+        if self.statistic is not None:
+            object.__setattr__(self, "statistic", tuple(self.statistic))  # from JSON it is a list
+            check_statistic(self.statistic)
 
     def for_name(self, groups: tuple[str, ...]) -> "MetricSpec":
         """This spec with the wildcard matches of a metric's name put into its titles."""
         if not groups:
             return self
         fill = lambda text: None if text is None else text.format(*groups)  # noqa: E731
-        return MetricSpec(**{**asdict(self), "title": fill(self.title), "baseline_title": fill(self.baseline_title)})
+        return MetricSpec(**{**asdict(self), "title": fill(self.title), "baseline_title": fill(self.baseline_title),
+                             "samples": fill(self.samples)})
 
     def to_json(self) -> dict[str, Any]:
         defaults = {f.name: f.default for f in fields(self)}
-        return {k: v for k, v in asdict(self).items() if k == "title" or v != defaults[k]}
+        out = {k: v for k, v in asdict(self).items() if k == "title" or v != defaults[k]}
+        if "statistic" in out:
+            out["statistic"] = list(out["statistic"])
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "MetricSpec":

@@ -13,6 +13,10 @@ Reported: KL mean, median, p99 and max over tokens, top-1 agreement, and both mo
 on those windows. Computed window by window: only one window's logits (of each model) are held
 at a time, plus one float per token for the percentiles. Works on any text (``--dataset
 my.txt``), since it needs no reference split — only the reference model.
+
+The record keeps, per window, the summed KL, the number of agreeing tokens, the quantized model's
+NLL sum and the token count (``extra.samples.windows``), so a report compares two cells over the
+same windows with paired intervals (mean KL, agreement and ppl; not the percentiles).
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import torch.nn.functional as F
 from qbench import hookimpl
 from qbench.data import encode
 from qbench.dtypes import FLOAT_DTYPES, short_name
+from qbench.paired import sample_set_json, window_key
 from qbench.params import Param, QBenchError
 from qbench.suite import CellContext, Metric, MetricSpec, Suite
 
@@ -86,12 +91,15 @@ class FidelitySuite(Suite):
     }
 
     metrics = {
-        "kl_mean": MetricSpec("KL mean (nats/token)", higher_is_better=False),
+        "kl_mean": MetricSpec("KL mean (nats/token)", higher_is_better=False,
+                              samples="windows", statistic=("ratio", "kl_sum", "tokens")),
         "kl_median": MetricSpec("KL median (nats/token)", higher_is_better=False, headline=False),
         "kl_p99": MetricSpec("KL p99 (nats/token)", higher_is_better=False),
         "kl_max": MetricSpec("KL max (nats/token)", higher_is_better=False, headline=False),
-        "top1_agreement": MetricSpec("top-1 agree", higher_is_better=True),
-        "ppl": MetricSpec("ppl (fidelity windows)", higher_is_better=False),
+        "top1_agreement": MetricSpec("top-1 agree", higher_is_better=True,
+                                     samples="windows", statistic=("ratio", "top1_agree", "tokens")),
+        "ppl": MetricSpec("ppl (fidelity windows)", higher_is_better=False,
+                          samples="windows", statistic=("exp_ratio", "nll_sum", "tokens")),
         "ppl_reference": MetricSpec("reference ppl (fidelity windows)", higher_is_better=False, headline=False),
         "eval_tokens_per_s": MetricSpec("fidelity eval (tok/s)", higher_is_better=True, headline=False),
     }
@@ -114,7 +122,7 @@ class FidelitySuite(Suite):
         used = available if limit is None else min(available, limit)
         ref_name = self.values["reference"]
         reference = load_reference(ctx.model_info, ctx.device, FLOAT_DTYPES[ref_name])
-        kls, agrees, ref_nll, quant_nll = [], [], 0.0, 0.0
+        kls, agrees, ref_nll, quant_nll, per_window_nll = [], [], 0.0, 0.0, []
         start = time.perf_counter()
         for w in range(used):
             window = ids[w * seqlen:(w + 1) * seqlen].to(ctx.device)
@@ -123,18 +131,23 @@ class FidelitySuite(Suite):
             agrees.append(agree)
             ref_nll += r
             quant_nll += q
+            per_window_nll.append(q)
         elapsed = time.perf_counter() - start
         del reference
         kl, agree = torch.cat(kls), torch.cat(agrees)
         if not (torch.isfinite(kl).all() and math.isfinite(quant_nll)):
             raise QBenchError(f"non-finite KL in {int((~torch.isfinite(kl)).sum())} tokens: "
                               f"the quantized model's outputs are NaN/Inf")
-        protocol = f"{ctx.dataset.name}/fidelity-s{seqlen}-vs-{short_name(ref_name)}"
+        protocol = windows_protocol = f"{ctx.dataset.name}/fidelity-s{seqlen}-vs-{short_name(ref_name)}"
         if used < available:
             protocol += f"/first-{used}"
             ctx.notes.append(f"fidelity over the first {used} of {available} windows (--limit); "
                              f"pass --limit all for the whole text")
         ctx.protocol = protocol
+        ctx.extra["samples"] = {"windows": sample_set_json(
+            window_key(windows_protocol, ctx.dataset), range(used),
+            {"kl_sum": [round(float(k.sum()), 8) for k in kls], "top1_agree": [int(a.sum()) for a in agrees],
+             "nll_sum": [round(v, 6) for v in per_window_nll], "tokens": [int(k.numel()) for k in kls]})}
         ctx.extra["reference"] = {"model": reference_spec(ctx.model_info), "dtype": ref_name,
                                   "device": str(ctx.device)}
         ctx.extra["windows"] = {"used": used, "available": available, "tokens": int(ids.numel()),

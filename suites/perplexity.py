@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from qbench import hookimpl
 from qbench.data import encode
+from qbench.paired import sample_set_json, window_key
 from qbench.params import Param, QBenchError
 from qbench.suite import CellContext, Metric, MetricSpec, Suite
 
@@ -50,8 +51,10 @@ class PerplexitySuite(Suite):
     }
 
     metrics = {
-        "ppl": MetricSpec("ppl", higher_is_better=False, vs_baseline="diff", baseline_title="ppl Δ vs fp16"),
-        "nll": MetricSpec("NLL (nats/token)", higher_is_better=False, headline=False),
+        "ppl": MetricSpec("ppl", higher_is_better=False, vs_baseline="diff", baseline_title="ppl Δ vs fp16",
+                          samples="windows", statistic=("exp_ratio", "nll_sum", "tokens")),
+        "nll": MetricSpec("NLL (nats/token)", higher_is_better=False, headline=False,
+                          samples="windows", statistic=("ratio", "nll_sum", "tokens")),
         "eval_tokens_per_s": MetricSpec("ppl eval (tok/s)", higher_is_better=True, headline=False),
     }
 
@@ -87,6 +90,10 @@ class PerplexitySuite(Suite):
         ctx.protocol = protocol
         ctx.extra["windows"] = {"used": len(nlls), "available": total_windows, "tokens": int(ids.numel()),
                                 "dropped_tail_tokens": int(ids.numel() - total_windows * seqlen)}
+        tokens = seqlen - 1  # predicted tokens per window
+        ctx.extra["samples"] = {"windows": sample_set_json(
+            window_key(f"{ctx.dataset.name}/gptq-s{seqlen}", ctx.dataset), range(len(nlls)),
+            {"nll_sum": [round(v * tokens, 6) for v in nlls], "tokens": [tokens] * len(nlls)})}
         if len(nlls) < total_windows:
             ctx.notes.append(f"perplexity over the first {len(nlls)} of {total_windows} windows (--limit); "
                              f"pass --limit all for the full split")

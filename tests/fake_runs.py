@@ -54,3 +54,18 @@ def standard_run(run_dir: Path, nf4_ppl: float = 12.5, with_fidelity: bool = Tru
             recs.append(record(method, "fidelity", {"kl_mean": kl, "kl_p99": 5 * kl, "top1_agreement": 1 - 3 * kl},
                                protocol="wikitext2/fidelity-s512-vs-fp32/first-2"))
     return write_run(run_dir, recs)
+
+
+def with_window_samples(rec: dict, nll_sums, tokens, key: str = "wikitext2/gptq-s64 text:abc", ids=None,
+                        set_name: str = "windows") -> dict:
+    """``rec`` with per-window samples as the perplexity suite keeps them, and its ppl (and the ppl's spec)
+    computed from them: ppl = exp(Σ NLL / Σ tokens)."""
+    import math
+
+    ids = list(range(len(nll_sums))) if ids is None else list(ids)
+    rec.setdefault("extra", {}).setdefault("samples", {})[set_name] = {
+        "key": key, "ids": ids, "values": {"nll_sum": [float(v) for v in nll_sums], "tokens": list(tokens)}}
+    rec["metrics"]["ppl"] = {"value": round(math.exp(sum(nll_sums) / sum(tokens)), 4), "unit": "", "title": "ppl",
+                             "higher_is_better": False, "vs_baseline": "diff", "baseline_title": "ppl Δ vs fp16",
+                             "samples": set_name, "statistic": ["exp_ratio", "nll_sum", "tokens"]}
+    return rec

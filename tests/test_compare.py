@@ -45,7 +45,8 @@ def test_markdown_and_cli(tmp_path):
     a, b = two_runs(tmp_path)
     md = render_comparison(a, b)
     assert "6 cells in both runs, 3 only in A, 2 only in B" in md
-    assert "| tiny-llama | nf4 | perplexity:seqlen=64 | ppl | 12.5 | 13 | 0.5 | +4.00% |" in md
+    # no per-window samples nor stderr in these records: no interval, no verdict
+    assert "| tiny-llama | nf4 | perplexity:seqlen=64 | ppl | 12.5 | 13 | 0.5 | +4.00% | — | — |" in md
     assert "## Status changes" in md and "out of memory" in md
     assert "## Only in B" in md and "gptq:bits=3" in md
     changed = render_comparison(a, b, changed_only=True)
