@@ -1,6 +1,8 @@
 """On-disk cache of quantized models (safetensors), keyed by method + parameters + model + dtype,
-so the suites of one method quantize once. Only ``QuantizedLinear`` modules are stored: the rest
-of the model is the unchanged base model, reloaded from its own files."""
+so the suites of one method quantize once. Only ``QuantizedLinear`` modules are stored, and the
+parameters outside them that the method changed (``Method.folded_parameters``: AWQ and SmoothQuant
+fold scales into the RMSNorm weights); the rest of the model is the unchanged base model, reloaded
+from its own files."""
 from __future__ import annotations
 
 import hashlib
@@ -21,6 +23,7 @@ from qbench.models import cache_dir
 from qbench.records import canonical
 
 FORMAT = 1
+PARAMETERS = "parameters.safetensors"  # changed parameters outside the quantized modules (folded scales)
 
 
 def cache_key(method_desc: dict, model_info: dict, dtype: torch.dtype, extra: dict | None = None) -> str:
@@ -35,8 +38,9 @@ def entry_dir(key: str, model_name: str, label: str) -> Path:
     return cache_dir() / "quantized" / safe / key
 
 
-def save_quantized(path: Path, model: nn.Module, manifest: dict[str, Any]) -> None:
-    """Write the quantized modules to ``path`` atomically (temp dir, then rename)."""
+def save_quantized(path: Path, model: nn.Module, manifest: dict[str, Any], parameters: list[str] = ()) -> None:
+    """Write the quantized modules, and the model's ``parameters`` named, to ``path`` atomically
+    (temp dir, then rename)."""
     tensors, modules = {}, {}
     for name, module in quantized_modules(model):
         modules[name] = {"class": class_path(type(module)), "config": module.config()}
@@ -46,6 +50,9 @@ def save_quantized(path: Path, model: nn.Module, manifest: dict[str, Any]) -> No
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
     try:
         save_file(tensors, str(tmp / "quantized.safetensors"))
+        if parameters:
+            save_file({name: model.get_parameter(name).detach().to("cpu").contiguous() for name in parameters},
+                      str(tmp / PARAMETERS))
         (tmp / "manifest.json").write_text(json.dumps({**manifest, "modules": modules}, indent=1, default=str))
         if path.exists():
             shutil.rmtree(path)
@@ -69,6 +76,10 @@ def load_quantized(path: Path, model: nn.Module, device: torch.device) -> dict[s
     for name, entry in manifest["modules"].items():
         cls = load_class(entry["class"])
         set_submodule(model, name, cls.from_stored(grouped.get(name, {}), entry["config"]))
+    if (path / PARAMETERS).is_file():
+        with torch.no_grad():
+            for name, tensor in load_file(str(path / PARAMETERS), device=str(device)).items():
+                model.get_parameter(name).copy_(tensor)
     return manifest
 
 
@@ -99,6 +110,7 @@ def quantize_cached(method, model: nn.Module, model_info: dict, dtype: torch.dty
     if use_cache and method.cacheable:
         save_quantized(path, model, {"method": desc, "model": model_info["name"], "dtype": str(dtype),
                                      "quantize_s": info["quantize_s"], "calibration": info["calibration"],
-                                     "train": info.get("train"), "method_report": method.report})
+                                     "train": info.get("train"), "method_report": method.report},
+                       parameters=list(method.folded_parameters))
         info["cache_dir"] = str(path)
     return model, info

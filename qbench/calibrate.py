@@ -96,3 +96,15 @@ def run_block(layer: nn.Module, inputs: torch.Tensor, kwargs: dict[str, Any], fi
                 continue
             if outputs is not None:
                 outputs[start:start + chunk.shape[0]] = block_output(result)
+
+
+def collect_outputs(module: nn.Module, inputs: torch.Tensor, kwargs: dict[str, Any], first_rows: int,
+                    batch: int) -> torch.Tensor:
+    """``module``'s outputs over all rows of ``inputs``, run in chunks as :func:`run_block` does."""
+    outputs = []
+    with torch.no_grad():
+        for start in range(0, inputs.shape[0], batch):
+            chunk = inputs[start:start + batch]
+            chunk_kwargs = {k: fit_batch(v, first_rows, chunk.shape[0]) for k, v in kwargs.items()}
+            outputs.append(block_output(module(chunk, **chunk_kwargs)))
+    return torch.cat(outputs)

@@ -24,6 +24,8 @@ BUILTIN_PLUGINS = [
     "qbench.plugins.affine",
     "qbench.plugins.nf4",
     "qbench.plugins.gptq",
+    "qbench.plugins.awq",
+    "qbench.plugins.smoothquant",
     "qbench.plugins.lora",
     "qbench.plugins.qlora",
     "qbench.plugins.peer_torchao",

@@ -22,6 +22,8 @@ class Method:
     * ``needs_calibration``: ``quantize`` gets a :class:`qbench.data.Calibration` (else None).
     * ``cacheable``: the quantized model is saved to the on-disk cache and reloaded by later cells.
     * ``can_train`` / :meth:`train`: methods that fine-tune (QLoRA) run a train stage first.
+    * ``folded_parameters``: full names of parameters outside the quantized modules that
+      ``quantize`` changed (scales folded into RMSNorm weights); the cache stores them too.
     """
 
     name: ClassVar[str] = ""
@@ -30,6 +32,7 @@ class Method:
     needs_calibration: ClassVar[bool] = False
     cacheable: ClassVar[bool] = True
     can_train: ClassVar[bool] = False
+    folded_parameters: tuple[str, ...] = ()
 
     def __init__(self, **params: Any):
         self.values = validate_params(f"method {self.name}", self.params, params)
