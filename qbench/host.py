@@ -31,6 +31,7 @@ BUILTIN_PLUGINS = [
     "qbench.plugins.peer_torchao",
     "qbench.plugins.peer_quanto",
     "qbench.plugins.peer_hqq",
+    "qbench.plugins.peer_llmcompressor",
     "qbench.suites.memory",
     "qbench.suites.latency",
     "qbench.suites.perplexity",
