@@ -6,7 +6,11 @@ An entry checks itself before it is used: the manifest carries the sha256 and si
 file, each module's tensor names, dtypes and shapes, and a checksum of itself. A damaged, truncated,
 unreadable or inconsistent entry is discarded and rebuilt (the record says so), never used. The
 manifest names each module's class, but only classes that the method's own plugin provides are
-instantiated: nothing read from disk decides which code runs."""
+instantiated: nothing read from disk decides which code runs.
+
+Parameters outside those modules that the method changed (``Method.folded_parameters``: AWQ and
+SmoothQuant fold scales into the RMSNorm weights) are stored in the same file, under
+``PARAMETER_PREFIX``, and checked the same way."""
 from __future__ import annotations
 
 import hashlib
@@ -29,9 +33,10 @@ from qbench.records import canonical
 
 # 2: checksums in the manifest; 3: the LoRA and NF4 layers moved to qbench.quant, and qlora's train stage
 # no longer keeps a dequantized copy of each frozen weight (older entries carry that training's peak memory).
-# Entries of an older format are never read: the key differs.
-FORMAT = 3
+# 4: folded parameters. Entries of an older format are never read: the key differs.
+FORMAT = 4
 WEIGHTS, MANIFEST = "quantized.safetensors", "manifest.json"
+PARAMETER_PREFIX = "@parameter::"  # module names never start with "@"
 
 
 class BadCacheEntry(Exception):
@@ -81,8 +86,9 @@ def provided_classes(method) -> dict[str, type]:
             if isinstance(c, type) and issubclass(c, QuantizedLinear) and c is not QuantizedLinear}
 
 
-def save_quantized(path: Path, model: nn.Module, manifest: dict[str, Any]) -> None:
-    """Write the quantized modules to ``path`` atomically (temp dir, then rename), with checksums."""
+def save_quantized(path: Path, model: nn.Module, manifest: dict[str, Any], parameters: tuple[str, ...] = ()) -> None:
+    """Write the quantized modules, and the model's ``parameters`` named, to ``path`` atomically
+    (temp dir, then rename), with checksums."""
     tensors, modules = {}, {}
     for name, module in quantized_modules(model):
         stored = module.stored_tensors()
@@ -90,12 +96,17 @@ def save_quantized(path: Path, model: nn.Module, manifest: dict[str, Any]) -> No
                          "tensors": {tname: _tensor_spec(t) for tname, t in stored.items()}}
         for tname, t in stored.items():
             tensors[f"{name}::{tname}"] = t.detach().to("cpu").contiguous()
+    folded = {}
+    for name in parameters:
+        tensors[PARAMETER_PREFIX + name] = model.get_parameter(name).detach().to("cpu").contiguous()
+        folded[name] = _tensor_spec(tensors[PARAMETER_PREFIX + name])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
     try:
         save_file(tensors, str(tmp / WEIGHTS))
         weights = {"file": WEIGHTS, "bytes": (tmp / WEIGHTS).stat().st_size, "sha256": _file_digest(tmp / WEIGHTS)}
-        full = json.loads(json.dumps({**manifest, "format": FORMAT, "modules": modules, "weights": weights},
+        full = json.loads(json.dumps({**manifest, "format": FORMAT, "modules": modules, "parameters": folded,
+                                      "weights": weights},
                                      default=str))  # sealed as it will read back
         (tmp / MANIFEST).write_text(json.dumps(seal_manifest(full), indent=1))
         if path.exists():
@@ -149,6 +160,18 @@ def load_quantized(path: Path, model: nn.Module, device: torch.device, method=No
         tensors = load_file(str(path / WEIGHTS), device=str(device))
     except Exception as exc:  # safetensors raises its own error types
         raise BadCacheEntry(f"its {WEIGHTS} is unreadable ({type(exc).__name__}: {exc})") from None
+    folded = {key.removeprefix(PARAMETER_PREFIX): tensors.pop(key) for key in list(tensors)
+              if key.startswith(PARAMETER_PREFIX)}
+    expected = manifest.get("parameters") or {}
+    if {k: _tensor_spec(t) for k, t in folded.items()} != expected:
+        raise BadCacheEntry("its folded parameters are not those its manifest lists")
+    for name, t in folded.items():
+        try:
+            target = model.get_parameter(name)
+        except AttributeError:
+            target = None
+        if target is None or tuple(target.shape) != tuple(t.shape):
+            raise BadCacheEntry(f"it changes parameter {name}, which this model has not in that shape")
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         module_name, _, tname = key.partition("::")
@@ -173,6 +196,9 @@ def load_quantized(path: Path, model: nn.Module, device: torch.device, method=No
             raise BadCacheEntry(f"{name} could not be rebuilt from it ({type(exc).__name__}: {exc})") from None
     for name, module in built.items():  # only once every module is good
         set_submodule(model, name, module)
+    with torch.no_grad():
+        for name, t in folded.items():
+            model.get_parameter(name).copy_(t)
     return manifest
 
 
@@ -213,7 +239,8 @@ def quantize_cached(method, model: nn.Module, model_info: dict, dtype: torch.dty
         try:
             save_quantized(path, model, {"method": desc, "model": model_info["name"], "dtype": str(dtype),
                                          "quantize_s": info["quantize_s"], "calibration": info["calibration"],
-                                         "train": info.get("train"), "method_report": method.report})
+                                         "train": info.get("train"), "method_report": method.report},
+                           parameters=tuple(method.folded_parameters))
             info["cache_dir"] = str(path)
         except OSError as exc:  # a full cache disk costs a re-quantization later, not this cell
             info["cache_not_saved"] = f"{path}: {exc.strerror or exc}"

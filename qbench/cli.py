@@ -223,8 +223,7 @@ def report(run_dir, fmt, columns, resamples, bootstrap_seed, seed_spread, metric
     from qbench.durable import write_atomic
     from qbench.report import render
 
-    if not Path(run_dir).is_dir():
-        raise QBenchError(f"run directory {run_dir} does not exist")
+    _check_run_dir(run_dir)
     if seed_spread:
         from qbench.seeds import seed_spread_markdown
 
@@ -237,6 +236,14 @@ def report(run_dir, fmt, columns, resamples, bootstrap_seed, seed_spread, metric
         write_atomic(Path(output), text, then="")
     else:
         click.echo(text, nl=False)
+
+
+def _check_run_dir(run_dir: str) -> None:
+    path = Path(run_dir)
+    if path.exists() and not path.is_dir():
+        raise QBenchError(f"{run_dir} is a file, not a run directory; pass the --out directory of a qbench run")
+    if not path.exists():
+        raise QBenchError(f"run directory {run_dir} does not exist; pass the --out directory of a qbench run")
 
 
 @main.command()
@@ -259,8 +266,8 @@ def compare(run_a, run_b, methods_, fmt, changed_only, resamples, bootstrap_seed
     from qbench.durable import write_atomic
 
     for run in (run_a, run_b):
-        if run is not None and not Path(run).is_dir():
-            raise QBenchError(f"run directory {run} does not exist")
+        if run is not None:
+            _check_run_dir(run)
     methods = method_labels(methods_) if methods_ else None
     text = render_comparison(Path(run_a), Path(run_b) if run_b else None, fmt, changed_only=changed_only,
                              methods=methods, resamples=resamples, seed=bootstrap_seed)

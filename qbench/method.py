@@ -29,6 +29,8 @@ class Method:
     * ``claims``: what the notes say of this method against the unquantized baseline, for the report
       to check, e.g. ``{"claim": "GPTQ loses <0.1 perplexity", "metric": "perplexity.ppl",
       "compare": "diff", "below": 0.1}`` (``compare``: diff, ratio or percent; ``below`` or ``above``).
+    * ``folded_parameters``: full names of parameters outside the quantized modules that
+      ``quantize`` changed (scales folded into RMSNorm weights); the cache stores them too.
     """
 
     name: ClassVar[str] = ""
@@ -37,6 +39,7 @@ class Method:
     cacheable: ClassVar[bool] = True
     can_train: ClassVar[bool] = False
     claims: ClassVar[list[dict[str, Any]]] = []
+    folded_parameters: tuple[str, ...] = ()
 
     def __init__(self, **params: Any):
         self.values = validate_params(f"method {self.name}", self.params, params)

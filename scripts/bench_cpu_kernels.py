@@ -48,11 +48,11 @@ SHAPES = {(576, 576): 2, (192, 576): 2, (1536, 576): 2, (576, 1536): 1}
 
 def build_cases(linear: nn.Linear, reference: bool) -> dict:
     """name -> (factory of one module, kernel mode)."""
-    from qbench.plugins.affine import AffineLinear
     from qbench.plugins.baseline import FloatLinear
     from qbench.plugins.gptq import GPTQLinear
-    from qbench.plugins.int8_absmax import Int8AbsmaxLinear
-    from qbench.plugins.nf4 import NF4Linear
+    from qbench.quant.affine import AffineLinear
+    from qbench.quant.int8 import Int8AbsmaxLinear
+    from qbench.quant.nf4 import NF4Linear
 
     w = linear.weight.detach()
     cases = {

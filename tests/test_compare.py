@@ -70,7 +70,8 @@ def test_missing_run_is_a_one_line_error(tmp_path):
     a = standard_run(tmp_path / "a")
     result = qbench_cli("compare", str(a), str(tmp_path / "nope"))
     assert result.returncode == 2
-    assert result.stderr.strip() == f"qbench: error: run directory {tmp_path / 'nope'} does not exist"
+    assert result.stderr.strip() == (f"qbench: error: run directory {tmp_path / 'nope'} does not exist; "
+                                     "pass the --out directory of a qbench run")
     (tmp_path / "empty").mkdir()
     result = qbench_cli("compare", str(a), str(tmp_path / "empty"))
     assert result.returncode == 2 and "no records.jsonl" in result.stderr

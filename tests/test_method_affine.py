@@ -9,7 +9,8 @@ from qbench.kernels import affine, cpu_int4
 from qbench.kernels.minmax_grid import minmax_scale_zero, quantize_to_grid
 from qbench.method import quantized_modules
 from qbench.params import QBenchError
-from qbench.plugins.affine import Affine, AffineLinear, storage_bytes
+from qbench.plugins.affine import Affine
+from qbench.quant.affine import AffineLinear, storage_bytes
 
 
 @pytest.fixture(scope="module")

@@ -177,6 +177,7 @@ def small_model_dir(tmp_path_factory):
 @needs_data
 def test_qbench_run_gives_lm_evals_own_numbers(tmp_path, small_model_dir):
     from qbench import host
+    from qbench.kernels._cpu import fp32_arithmetic
     from qbench.models import load_model
 
     model_dir = small_model_dir
@@ -205,7 +206,8 @@ def test_qbench_run_gives_lm_evals_own_numbers(tmp_path, small_model_dir):
             config["dataset_kwargs"] = {"data_files": {split: str(TASK_FILES / rel)
                                                        for split, rel in accuracy.local_files(name).items()}}
             configs.append(config)
-        direct = lm_eval.simple_evaluate(model=lm, tasks=configs, num_fewshot=0, limit=ITEMS, log_samples=False)
+        with fp32_arithmetic():  # as the suite runs on a CPU
+            direct = lm_eval.simple_evaluate(model=lm, tasks=configs, num_fewshot=0, limit=ITEMS, log_samples=False)
     finally:
         torch.set_num_threads(threads)
 

@@ -21,6 +21,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from qbench.calibrate import StopForward as _StopForward
+from qbench.calibrate import capture_block_inputs, decoder_layers
+from qbench.calibrate import run_block as _run_block
 from qbench.kernels.minmax_grid import minmax_scale_zero, mse_scale_zero
 from qbench.params import QBenchError
 
@@ -236,87 +239,6 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int 
 
 
 # --- sequential over decoder blocks ---------------------------------------------------------------
-
-class _StopForward(Exception):
-    """Raised from a hook once the wanted inputs are captured: the rest of the forward is skipped."""
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks of a Hugging Face llama-style model (``model.model.layers``)."""
-    for path in ("model.layers", "model.decoder.layers", "transformer.h", "layers"):
-        obj: Any = model
-        try:
-            for part in path.split("."):
-                obj = getattr(obj, part)
-        except AttributeError:
-            continue
-        if isinstance(obj, nn.ModuleList) and len(obj) > 0:
-            return obj
-    raise QBenchError("gptq: cannot find the decoder blocks (expected model.model.layers, as in llama-style models)")
-
-
-def _fit_batch(value: Any, full: int, rows: int) -> Any:
-    """Slice tensors captured for a batch of ``full`` rows down to ``rows`` (the last, shorter chunk)."""
-    if rows == full or full == 1:
-        return value
-    if isinstance(value, torch.Tensor):
-        return value[:rows] if value.dim() > 0 and value.shape[0] == full else value
-    if isinstance(value, (tuple, list)):
-        return type(value)(_fit_batch(v, full, rows) for v in value)
-    return value
-
-
-def _block_output(result: Any) -> torch.Tensor:
-    return result[0] if isinstance(result, (tuple, list)) else result
-
-
-def capture_block_inputs(model: nn.Module, layers: nn.ModuleList, tokens: torch.Tensor,
-                         batch: int) -> tuple[torch.Tensor, dict[str, Any], int]:
-    """Inputs of block 0 for every calibration row, and the keyword arguments the model passed
-    (attention mask, position embeddings...), captured for the first chunk of ``batch`` rows."""
-    device = next(model.parameters()).device
-    captured: list[torch.Tensor] = []
-    call_kwargs: dict[str, Any] = {}
-
-    def grab(module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        captured.append(hidden.detach())
-        if not call_kwargs:
-            call_kwargs.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
-            call_kwargs["_rows"] = hidden.shape[0]
-        raise _StopForward
-
-    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            for start in range(0, tokens.shape[0], batch):
-                try:
-                    model(tokens[start:start + batch].to(device), use_cache=False)
-                except _StopForward:
-                    pass
-    finally:
-        handle.remove()
-    first_rows = call_kwargs.pop("_rows")
-    call_kwargs.pop("past_key_values", None)
-    call_kwargs.pop("past_key_value", None)
-    call_kwargs["use_cache"] = False
-    return torch.cat(captured), call_kwargs, first_rows
-
-
-def _run_block(layer: nn.Module, inputs: torch.Tensor, kwargs: dict[str, Any], first_rows: int, batch: int,
-               outputs: torch.Tensor | None = None) -> None:
-    """Run ``layer`` over all rows in chunks; a hook may stop each chunk early (``_StopForward``)."""
-    with torch.no_grad():
-        for start in range(0, inputs.shape[0], batch):
-            chunk = inputs[start:start + batch]
-            chunk_kwargs = {k: _fit_batch(v, first_rows, chunk.shape[0]) for k, v in kwargs.items()}
-            try:
-                result = layer(chunk, **chunk_kwargs)
-            except _StopForward:
-                continue
-            if outputs is not None:
-                outputs[start:start + chunk.shape[0]] = _block_output(result)
-
 
 def linear_groups(layer: nn.Module, inputs: torch.Tensor, kwargs: dict[str, Any], first_rows: int,
                   true_sequential: bool) -> list[list[str]]:

@@ -318,7 +318,7 @@ def test_modules_record_their_path_and_the_oracle_is_one_variable_away(tiny_mode
 
 
 def test_int4_layout_replaces_the_codes_at_load_time_and_is_what_the_memory_suite_counts(tiny_model, monkeypatch):
-    from qbench.plugins.affine import AffineLinear
+    from qbench.quant.affine import AffineLinear
     from qbench.suites.memory import model_bytes, quantized_layer_bytes
 
     monkeypatch.setenv(CPU_KERNEL_ENV, "reference")
