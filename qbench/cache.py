@@ -160,6 +160,9 @@ def load_quantized(path: Path, model: nn.Module, device: torch.device, method=No
         tensors = load_file(str(path / WEIGHTS), device=str(device))
     except Exception as exc:  # safetensors raises its own error types
         raise BadCacheEntry(f"its {WEIGHTS} is unreadable ({type(exc).__name__}: {exc})") from None
+    # safetensors' tensors are views into one buffer at 8-byte offsets; ATen's CPU kernels
+    # (torch._weight_int8pack_mm) load with 64-byte alignment and crash (SIGSEGV) on such views
+    tensors = {key: t.clone() for key, t in tensors.items()}
     folded = {key.removeprefix(PARAMETER_PREFIX): tensors.pop(key) for key in list(tensors)
               if key.startswith(PARAMETER_PREFIX)}
     expected = manifest.get("parameters") or {}

@@ -133,3 +133,16 @@ def test_the_record_notes_a_discarded_entry(tmp_path):
     assert rec["quantization"]["cache_discarded"]
     assert any("discarded" in note and "rebuilt" in note for note in rec["notes"]), rec["notes"]
     assert rec["metrics"]["bits_per_weight"] == a["metrics"]["bits_per_weight"]
+
+
+@pytest.mark.parametrize("method", ["int8-absmax", "nf4", "affine"])
+def test_cached_tensors_are_aligned_for_the_cpu_kernels(cache, method):
+    """safetensors hands out views at 8-byte offsets into one buffer; ATen's int8 CPU kernel loads
+    64-byte aligned and died with SIGSEGV on them (the latency cells of a cached int8-absmax)."""
+    quantize(method)
+    model, info, _ = quantize(method)
+    assert info["from_cache"]
+    tensors = [t for _, m in quantized_modules(model) for t in m.resident_tensors().values()]
+    assert tensors and all(t.data_ptr() % 64 == 0 for t in tensors)
+    with torch.no_grad():  # one row: the int8 layers take torch._weight_int8pack_mm
+        model(IDS[:, :1])
