@@ -232,8 +232,11 @@ class GPTQ(Method):
         "group_size": Param(int, 128, "input columns sharing a scale/zero (-1: one group per row)",
                             choices=GROUP_SIZES),
         "sym": Param(bool, True, "symmetric grid (zero point fixed at 2**(bits-1)), as GPTQModel's default"),
-        "act_order": Param(bool, False, "quantize columns by descending Hessian diagonal (desc_act)"),
-        "static_groups": Param(bool, False, "with act_order: group parameters fixed up front in column order"),
+        # Default: act-order with static groups (llm-compressor's "static" act-order: no runtime cost,
+        # monotonic g_idx). On the demo model it beats RTN by 4.38 ppl [4.06, 4.72] over all 148
+        # WikiText-2 windows; the reference's act_order=false does not (results/README.md).
+        "act_order": Param(bool, True, "quantize columns by descending Hessian diagonal (desc_act)"),
+        "static_groups": Param(bool, True, "with act_order: group parameters fixed up front in column order"),
         "group_aware": Param(bool, False, "group-aware reordering (GPTQModel's GAR): groups by their largest Hessian "
                              "diagonal, columns by it inside each group; g_idx stays monotonic"),
         "observer": Param(str, "minmax", "group range: minmax, or mse (clipped to the least rounding error, "
@@ -255,7 +258,8 @@ class GPTQ(Method):
 
     def check(self, values: dict[str, Any]) -> str | None:
         if values["group_aware"] and (values["act_order"] or values["static_groups"]):
-            return "group_aware is an ordering of its own; use it with act_order=false and static_groups=false"
+            return ("group_aware is an ordering of its own; pass act_order=false,static_groups=false with it "
+                    "(e.g. gptq:group_aware=true,act_order=false,static_groups=false)")
         return None
 
     def quantize(self, model: nn.Module, calibration=None) -> nn.Module:

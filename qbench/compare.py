@@ -30,7 +30,7 @@ from qbench.paired import (
     paired_bootstrap,
 )
 from qbench.params import QBenchError
-from qbench.records import load_latest
+from qbench.records import canonical, load_latest
 from qbench.suite import MetricSpec
 
 Key = tuple[str, str, str]  # (model, method label, suite label)
@@ -163,12 +163,33 @@ def method_labels(texts: str) -> list[str]:
     return [host.make_method(spec.name, spec.params).label for spec in parse_specs(texts)]
 
 
+def _method_values(label: str) -> tuple[str, str] | None:
+    """(name, canonical JSON of every parameter value) of the method a label names, or None."""
+    from qbench import host
+    from qbench.params import parse_specs
+
+    try:
+        [spec] = parse_specs(label)
+        method = host.make_method(spec.name, spec.params)
+    except (QBenchError, ValueError):
+        return None
+    return method.name, canonical(json.loads(json.dumps(method.values, default=str)))
+
+
 def compare_methods(run: Path, method_a: str, method_b: str, resamples: int = RESAMPLES,
                     seed: int = BOOTSTRAP_SEED) -> dict[str, Any]:
     """Method B against method A within one run: each model × suite both ran, metric by metric."""
     cells = _cells(run)
+
+    def same_method(label: str, rec: dict[str, Any]) -> bool:
+        # by label, or by name + every parameter value: a label omits defaults, and defaults change
+        if rec["method"].get("label") == label:
+            return True
+        wanted = _method_values(label)
+        return wanted is not None and (rec["method"]["name"], canonical(rec["method"].get("params"))) == wanted
+
     pick = lambda label: {(k[0], f"{method_b} vs {method_a}", k[2]): rec  # noqa: E731
-                          for k, rec in cells.items() if k[1] == label}
+                          for k, rec in cells.items() if same_method(label, rec)}
     a, b = pick(method_a), pick(method_b)
     for label, side in ((method_a, a), (method_b, b)):
         if not side:

@@ -75,3 +75,20 @@ def test_missing_run_is_a_one_line_error(tmp_path):
     (tmp_path / "empty").mkdir()
     result = qbench_cli("compare", str(a), str(tmp_path / "empty"))
     assert result.returncode == 2 and "no records.jsonl" in result.stderr
+
+
+def test_methods_are_found_by_their_parameters_when_the_defaults_changed(tmp_path):
+    """A record labelled under older defaults (gptq:act_order=true,static_groups=true, written when
+    act_order was off by default) is the method `gptq` names today: compare finds it by its values."""
+    from qbench import host
+
+    today = host.make_method("gptq", {})
+    old = record("gptq:act_order=true,static_groups=true", "perplexity", {"ppl": 29.6})
+    old["method"]["params"] = json.loads(json.dumps(today.values, default=str))
+    rtn = record("affine", "perplexity", {"ppl": 34.0})
+    run = write_run(tmp_path / "run", [rtn, old])
+    md = render_comparison(run, None, "md", methods=["affine", today.label])
+    assert "gptq vs affine" in md and "29.6" in md
+    other = host.make_method("gptq", {"act_order": False, "static_groups": False}).label
+    result = qbench_cli("compare", str(run), "--methods", f"affine,{other}")
+    assert result.returncode == 2 and "has no cells" in result.stderr
