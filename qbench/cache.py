@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from qbench.durable import file_sha256
 from qbench.method import QuantizedLinear, class_path, quantized_modules, set_submodule
 from qbench.models import cache_dir
 from qbench.records import canonical
@@ -59,14 +60,6 @@ def seal_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
     """The manifest with a checksum of everything else in it (so a lost layer or an edited config shows)."""
     body = {k: v for k, v in manifest.items() if k != "checksum"}
     return {**body, "checksum": hashlib.sha256(canonical(body).encode()).hexdigest()}
-
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _tensor_spec(t: torch.Tensor) -> dict[str, Any]:
@@ -104,7 +97,7 @@ def save_quantized(path: Path, model: nn.Module, manifest: dict[str, Any], param
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
     try:
         save_file(tensors, str(tmp / WEIGHTS))
-        weights = {"file": WEIGHTS, "bytes": (tmp / WEIGHTS).stat().st_size, "sha256": _file_digest(tmp / WEIGHTS)}
+        weights = {"file": WEIGHTS, "bytes": (tmp / WEIGHTS).stat().st_size, "sha256": file_sha256(tmp / WEIGHTS)}
         full = json.loads(json.dumps({**manifest, "format": FORMAT, "modules": modules, "parameters": folded,
                                       "weights": weights},
                                      default=str))  # sealed as it will read back
@@ -136,7 +129,7 @@ def _check_weights(path: Path, manifest: dict[str, Any]) -> None:
     size = weights.stat().st_size
     if size != expected.get("bytes"):
         raise BadCacheEntry(f"its {WEIGHTS} has {size} bytes, the manifest says {expected.get('bytes')} (truncated?)")
-    if _file_digest(weights) != expected.get("sha256"):
+    if file_sha256(weights) != expected.get("sha256"):
         raise BadCacheEntry(f"the checksum of its {WEIGHTS} does not match the manifest (damaged)")
 
 

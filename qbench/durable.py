@@ -3,6 +3,7 @@ full or read-only disk into one line for the user (QBenchError, exit 2) instead 
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 from pathlib import Path
 
@@ -83,3 +84,12 @@ def append_durably(path: Path, data: bytes) -> None:
             raise write_error(path, exc) from None
     finally:
         os.close(fd)
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, read in 4 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -19,11 +19,11 @@ elsewhere) with its standard error, each against the baseline row as recovery %.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from pathlib import Path
 
 from qbench import hookimpl
+from qbench.durable import file_sha256
 from qbench.hub import offline
 from qbench.params import Param, QBenchError
 from qbench.suite import CellContext, Metric, MetricSpec, Suite
@@ -59,14 +59,6 @@ def _check_tasks(value: str) -> str | None:
     if len(set(names)) != len(names):
         return "a task is named twice"
     return None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def local_config(task: str, resolve_functions: bool = True) -> dict:
@@ -138,7 +130,7 @@ def build_tasks(names: list[str], source: str = "auto", data_dir: str | None = N
             config.setdefault("metadata", {})["config_source"] = f"qbench/tasks/{name}.yaml"
             task = ConfigurableTask(config=config)
             info = {"source": "local", "definition": f"qbench/tasks/{name}.yaml",
-                    "files": {split: {"path": str(path), "sha256": _sha256(path)} for split, path in files.items()}}
+                    "files": {split: {"path": str(path), "sha256": file_sha256(path)} for split, path in files.items()}}
         else:
             from lm_eval.tasks import TaskManager
 
