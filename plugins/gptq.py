@@ -23,7 +23,7 @@ from torch import nn
 
 from qbench import hookimpl
 from qbench.kernels import cpu_int4
-from qbench.kernels._cpu import cpu_kernels_wanted, use_cpu_kernel
+from qbench.kernels._cpu import cpu_kernels_wanted
 from qbench.kernels._triton import use_triton_in_module
 from qbench.kernels.gptq_matmul import gptq_matmul, gptq_matmul_reference
 from qbench.kernels.gptq_pack import (
@@ -40,6 +40,7 @@ from qbench.kernels.gptq_pack import (
 from qbench.method import Method, QuantizedLinear, quantizable_linears, quantized_modules, set_submodule
 from qbench.params import Param, QBenchError
 from qbench.quant.gptq import LayerQuantization, gptq_quantize_blocks
+from qbench.quant.int4_cpu import Int4CpuLayout
 
 GROUP_SIZES = (-1, 32, 64, 128)
 # Calibration when nsamples/seqlen are not given: the reference's 128 x 2048 on a GPU; on CPU that
@@ -48,8 +49,10 @@ DEFAULT_CALIBRATION = {"cuda": (128, 2048), "cpu": (32, 512)}
 log = logging.getLogger("qbench.gptq")
 
 
-class GPTQLinear(QuantizedLinear):
+class GPTQLinear(Int4CpuLayout, QuantizedLinear):
     """A linear layer stored in the GPTQ checkpoint layout (see :mod:`kernels.gptq_pack`)."""
+
+    _stored_codes_name = "qweight"  # replaced in memory by the CPU int4 layout where that is exact
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, sym: bool,
                  desc_act: bool, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
@@ -152,18 +155,7 @@ class GPTQLinear(QuantizedLinear):
             return self.qweight
         return pack_qweight(cpu_int4.unpack_int4_cpu(self._cpu_pack).t(), 4)
 
-    def runtime_tensors(self) -> dict[str, torch.Tensor]:
-        return self._cpu_pack.tensors() if self._cpu_pack else {}
-
-    def resident_tensors(self) -> dict[str, torch.Tensor]:
-        held = {name: t for name, t in self._buffers.items() if t is not None}
-        return {**held, **self.runtime_tensors()}
-
-    def _apply(self, fn, recurse=True):
-        if self.qweight is None:
-            self.qweight = self._qweight()
-        self._cpu_pack = None  # moved or cast: rebuilt from the stored tensors where needed
-        return super()._apply(fn, recurse)
+    _stored_codes = _qweight
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -171,16 +163,14 @@ class GPTQLinear(QuantizedLinear):
             destination[prefix + "qweight"] = self._qweight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.qweight is None and not use_cpu_kernel(x):  # the reference needs the stored qweight back
-            self.qweight = self._qweight()
+        self._hold_stored_codes_for(x)
         args = (x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.bias, self.zero_offset)
         if use_triton_in_module(x):
             self.kernel_path = "triton"
             return gptq_matmul(*args)
-        pack = self._cpu_int4() if use_cpu_kernel(x) else None
-        if pack is not None:
-            self.kernel_path = cpu_int4.kernel_path(x.shape[:-1].numel())
-            return cpu_int4.int4_matmul_cpu(x, pack, self.bias)
+        y = self._int4_cpu_matmul(x)
+        if y is not None:
+            return y
         self.kernel_path = "reference"
         return gptq_matmul_reference(*args)
 

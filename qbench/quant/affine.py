@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from qbench.kernels import affine, cpu_int4
-from qbench.kernels._cpu import cpu_kernels_wanted, use_cpu_kernel
+from qbench.kernels._cpu import cpu_kernels_wanted
 from qbench.kernels._triton import cdiv, use_triton_in_module
 from qbench.kernels.affine import unpack_codes
 from qbench.kernels.dequant_matmul import (
@@ -19,11 +19,14 @@ from qbench.kernels.dequant_matmul import (
 )
 from qbench.method import QuantizedLinear
 from qbench.params import QBenchError
+from qbench.quant.int4_cpu import Int4CpuLayout
 
 BITS = (2, 3, 4, 5, 6, 7, 8)
 
 
-class AffineLinear(QuantizedLinear):
+class AffineLinear(Int4CpuLayout, QuantizedLinear):
+    _stored_codes_name = "codes"  # replaced in memory by the CPU int4 layout where that is exact
+
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, sym: bool,
                  codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None,
                  bias: torch.Tensor | None = None):
@@ -84,30 +87,17 @@ class AffineLinear(QuantizedLinear):
             return self.codes
         return affine.pack_codes(cpu_int4.unpack_int4_cpu(self._cpu_pack), 4)
 
-    def runtime_tensors(self) -> dict[str, torch.Tensor]:
-        return self._cpu_pack.tensors() if self._cpu_pack else {}
-
-    def resident_tensors(self) -> dict[str, torch.Tensor]:
-        held = {name: t for name, t in self._buffers.items() if t is not None}
-        return {**held, **self.runtime_tensors()}
-
-    def _apply(self, fn, recurse=True):
-        if self.codes is None:
-            self.codes = self._codes()
-        self._cpu_pack = None  # moved or cast: rebuilt from the stored tensors where needed
-        return super()._apply(fn, recurse)
+    _stored_codes = _codes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.codes is None and not use_cpu_kernel(x):  # the reference needs the stored codes back
-            self.codes = self._codes()
+        self._hold_stored_codes_for(x)
         args = (x, self.codes, self.scales, self.zeros, self.bits, self.group_size, self.in_features, self.bias)
         if use_triton_in_module(x):
             self.kernel_path = "triton"
             return affine_weight_matmul(*args)
-        pack = self._cpu_int4() if use_cpu_kernel(x) else None
-        if pack is not None:
-            self.kernel_path = cpu_int4.kernel_path(x.shape[:-1].numel())
-            return cpu_int4.int4_matmul_cpu(x, pack, self.bias)
+        y = self._int4_cpu_matmul(x)
+        if y is not None:
+            return y
         self.kernel_path = "reference"
         return affine_weight_matmul_reference(*args)
 
