@@ -23,6 +23,7 @@ Each module records what ran in ``kernel_path`` (``cpu:int8pack-bf16``, ``cpu:in
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 
@@ -80,7 +81,11 @@ def bf16_gemm_fast() -> bool:
     """The CPU multiplies bf16 natively (AVX512-BF16 or AMX), so oneDNN's bf16 GEMM is several times
     faster than an fp32 one: the compute-bound (prefill) paths decode the weight once per call and
     use it. Elsewhere bf16 is emulated and those paths stay on the packed kernels or fp32."""
-    if fp32_only():
-        return False
+    return not fp32_only() and _native_bf16()
+
+
+@functools.cache
+def _native_bf16() -> bool:
+    """The hardware probe, once per process (bf16_gemm_fast is asked per layer and call)."""
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
