@@ -16,6 +16,13 @@ task's split, as lm-eval's ``--limit``; the CPU default of 4 is a smoke test), `
 for the full sets. Reported per task: each metric with lm-eval's standard error, the item count;
 and the mean of each task's main metric (acc_norm for arc_challenge and hellaswag, acc
 elsewhere) with its standard error, each against the baseline row as recovery %.
+
+Each task's per-item results (lm-eval's logged samples: the item's ``doc_id`` and its 0/1 acc,
+acc_norm) are kept in the record as a sample set (:mod:`qbench.paired`) keyed by the task, its
+version, the shot count and the data (file hash or hub dataset), so two cells that answered the same
+items are compared **paired** (bootstrap over items, the same draw for both): a quantized model
+mostly gets the same items right as its baseline, and the paired interval is much narrower than one
+from the two standard errors. The mean over tasks keeps the unpaired normal interval.
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ from pathlib import Path
 from qbench import hookimpl
 from qbench.durable import file_sha256
 from qbench.hub import offline
+from qbench.paired import sample_set_json
 from qbench.params import Param, QBenchError
 from qbench.suite import CellContext, Metric, MetricSpec, Suite
 
@@ -161,8 +169,33 @@ def evaluate(lm, tasks: list, limit: int | None, num_fewshot: int = 0, bootstrap
     from lm_eval.tasks import TaskManager
 
     return lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
-                                   bootstrap_iters=bootstrap_iters, log_samples=False,
+                                   bootstrap_iters=bootstrap_iters, log_samples=True,
                                    task_manager=TaskManager(include_defaults=False))
+
+
+def item_key(task: str, info: dict, num_fewshot: int) -> str:
+    """What a task's per-item ids index: the task, its version, the shot count and the data it read
+    (file hashes, or the hub dataset), so items of another file or prompt never pair."""
+    if info.get("source") == "local":
+        data = "files:" + ",".join(f["sha256"][:12] for _, f in sorted(info["files"].items()))
+    else:
+        dataset = info.get("dataset") or {}
+        data = f"hub:{dataset.get('path')}/{dataset.get('name')}"
+    return f"lm-eval {task} v{info.get('version')} {num_fewshot}-shot {data}"
+
+
+def item_samples(results: dict, names: list[str], described: dict, num_fewshot: int) -> dict[str, dict]:
+    """task -> the per-item sample set of its 0/1 metrics (lm-eval's logged samples, by doc_id)."""
+    out = {}
+    for name in names:
+        logged = sorted((results.get("samples") or {}).get(name) or [], key=lambda item: item["doc_id"])
+        columns = [m for m in TASKS[name][0] if m != "perplexity" and all(m in item for item in logged)]
+        if not logged or not columns:
+            continue
+        out[name] = sample_set_json(item_key(name, described[name], num_fewshot),
+                                    [int(item["doc_id"]) for item in logged],
+                                    {m: [float(item[m]) for item in logged] for m in columns})
+    return out
 
 
 def _unit(metric: str) -> str:
@@ -199,16 +232,19 @@ def _metric_specs() -> dict[str, MetricSpec]:
     specs = {}
     for name, (_, main) in TASKS.items():
         specs[f"{name}.{main}"] = MetricSpec(f"{name} {main} (%)", higher_is_better=True, display_unit="%",
-                                             vs_baseline="percent", baseline_title=f"{name} recovery %")
+                                             vs_baseline="percent", baseline_title=f"{name} recovery %",
+                                             samples=name, statistic=("mean", main))
         if name == "lambada_openai":
             specs["lambada_openai.perplexity"] = MetricSpec("lambada_openai ppl", higher_is_better=False)
     specs["mean_acc"] = MetricSpec("mean acc (%)", higher_is_better=True, display_unit="%", aggregate="mean",
                                    vs_baseline="percent", baseline_title="mean recovery %")
     # The other metric of tasks that report two (acc beside acc_norm...): with --columns all.
     specs["*.acc"] = MetricSpec("{0} acc (%)", higher_is_better=True, headline=False, display_unit="%",
-                                vs_baseline="percent", baseline_title="{0} acc recovery %")
+                                vs_baseline="percent", baseline_title="{0} acc recovery %",
+                                samples="{0}", statistic=("mean", "acc"))
     specs["*.acc_norm"] = MetricSpec("{0} acc_norm (%)", higher_is_better=True, headline=False, display_unit="%",
-                                     vs_baseline="percent", baseline_title="{0} acc_norm recovery %")
+                                     vs_baseline="percent", baseline_title="{0} acc_norm recovery %",
+                                     samples="{0}", statistic=("mean", "acc_norm"))
     specs["*.items"] = MetricSpec("{0} items", headline=False)
     return specs
 
@@ -281,6 +317,7 @@ class AccuracySuite(Suite):
                                 "batch_size": self.values["batch_size"], "limit": limit,
                                 "bootstrap_iters": self.values["bootstrap_iters"]}
         ctx.extra["tasks"] = described
+        ctx.extra["samples"] = item_samples(results, names, described, self.values["num_fewshot"])
         sources = sorted({d["source"] for d in described.values()})
         ctx.protocol = (f"lm-eval-{lm_eval.__version__}/{self.values['num_fewshot']}-shot/"
                         f"{'+'.join(sources)}" + (f"/first-{limit}" if shortened else ""))

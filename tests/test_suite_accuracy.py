@@ -207,7 +207,7 @@ def test_qbench_run_gives_lm_evals_own_numbers(tmp_path, small_model_dir):
                                                        for split, rel in accuracy.local_files(name).items()}}
             configs.append(config)
         with fp32_arithmetic():  # as the suite runs on a CPU
-            direct = lm_eval.simple_evaluate(model=lm, tasks=configs, num_fewshot=0, limit=ITEMS, log_samples=False)
+            direct = lm_eval.simple_evaluate(model=lm, tasks=configs, num_fewshot=0, limit=ITEMS, log_samples=True)
     finally:
         torch.set_num_threads(threads)
 
@@ -221,7 +221,16 @@ def test_qbench_run_gives_lm_evals_own_numbers(tmp_path, small_model_dir):
             compared += 1
         assert metrics[f"{name}.items"]["value"] == ITEMS == direct["n-samples"][name]["effective"]
         assert record["extra"]["tasks"][name]["version"] == direct["versions"][name]
+        # per item, as lm-eval logged them: the same items, the same 0/1 results, and their mean is the metric
+        items = record["extra"]["samples"][name]
+        logged = {item["doc_id"]: item for item in direct["samples"][name]}
+        assert items["ids"] == sorted(logged) == list(range(ITEMS))
+        for metric, values in items["values"].items():
+            assert values == [logged[i][metric] for i in items["ids"]], (name, metric)
+            assert sum(values) / len(values) == pytest.approx(metrics[f"{name}.{metric}"]["value"])
+        assert f" {name} v{direct['versions'][name]} 0-shot files:" in items["key"]
     assert compared == 8
+    assert set(record["extra"]["samples"]["lambada_openai"]["values"]) == {"acc"}  # ppl is not a 0/1 item result
     assert metrics["lambada_openai.perplexity"]["value"] > 1
     mains = [metrics[f"{n}.{accuracy.TASKS[n][1]}"]["value"] for n in TASKS_FOR_EQUALITY.split("+")]
     assert metrics["mean_acc"]["value"] == pytest.approx(sum(mains) / len(mains))
@@ -339,3 +348,55 @@ def test_leaderboard_shows_accuracy_with_stderr_and_recovery(tmp_path):
     assert nf4["mean acc (%)"] == 42.0 and nf4["mean recovery %"] == pytest.approx(100 * 0.42 / 0.45, abs=0.01)
     assert "piqa acc_norm (%)" not in board.columns  # the other metric: --columns all
     assert "piqa acc_norm (%)" in leaderboard(load_frame(tmp_path / "run"), columns="all").columns
+
+
+def test_accuracy_differences_are_paired_over_the_same_items(tmp_path):
+    """With per-item results kept, recovery % gets a paired bootstrap interval over the items both
+    rows answered, far narrower than the unpaired one from two standard errors when the quantized
+    model gets mostly the same items right; items of another file refuse to pair."""
+    import random
+
+    from qbench.cell import _jsonable_metrics
+    from qbench.leaderboard import leaderboard, load_frame
+    from qbench.paired import normal_interval
+    from tests.fake_runs import record, write_run
+
+    suite = accuracy.AccuracySuite(tasks="piqa")
+    rng = random.Random(0)
+    base = [1.0 if rng.random() < 0.6 else 0.0 for _ in range(400)]
+    flipped = [v if rng.random() > 0.05 else 1.0 - v for v in base]  # 5% of the answers change
+    described = {"piqa": {"source": "local", "version": 1.0, "files": {"validation": {"sha256": "ab" * 32}}}}
+    recs = []
+    for method, values in (("fp16", base), ("nf4", flipped)):
+        mean = sum(values) / len(values)
+        stderr = (mean * (1 - mean) / (len(values) - 1)) ** 0.5
+        logged = {"samples": {"piqa": [{"doc_id": i, "acc": v, "acc_norm": v} for i, v in enumerate(values)]}}
+        results = {"results": {"piqa": {"acc,none": mean, "acc_stderr,none": stderr, "acc_norm,none": mean,
+                                        "acc_norm_stderr,none": stderr}},
+                   "n-samples": {"piqa": {"effective": len(values)}}}
+        rec = record(method, "accuracy", {})
+        rec["metrics"] = _jsonable_metrics(accuracy.metrics_from_results(results, suite.task_names), suite)
+        rec["extra"] = {"samples": accuracy.item_samples(logged, ["piqa"], described, 0)}
+        recs.append(rec)
+    frame = load_frame(write_run(tmp_path / "run", recs))
+    board = leaderboard(frame)
+    nf4 = board[board["method"] == "nf4"].iloc[0]
+    recovery = 100 * sum(flipped) / sum(base)
+    assert nf4["piqa recovery %"] == pytest.approx(recovery, abs=0.01)
+    paired_half = (nf4["piqa recovery % CI high"] - nf4["piqa recovery % CI low"]) / 2
+    se = [r["metrics"]["piqa.acc"]["stderr"] for r in recs]
+    unpaired = normal_interval(sum(flipped) / 400, sum(base) / 400, se[1], se[0], "percent")
+    assert 0 < paired_half < unpaired.half_width / 2
+
+    # the same ids over another file: no interval rather than a wrong pairing
+    other = dict(recs[1], extra={"samples": accuracy.item_samples(
+        {"samples": {"piqa": [{"doc_id": i, "acc": v, "acc_norm": v} for i, v in enumerate(flipped)]}}, ["piqa"],
+        {"piqa": {"source": "local", "version": 1.0, "files": {"validation": {"sha256": "cd" * 32}}}}, 0)})
+    board = leaderboard(load_frame(write_run(tmp_path / "other", [recs[0], other])))
+    assert pd_isna(board[board["method"] == "nf4"].iloc[0].get("piqa recovery % CI low"))
+
+
+def pd_isna(value) -> bool:
+    import pandas as pd
+
+    return value is None or bool(pd.isna(value))
