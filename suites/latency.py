@@ -186,12 +186,12 @@ def summarize_paths(snapshot: dict[str, tuple[str, str]], max_listed: int = 16) 
 
 class Timer:
     """Seconds of a region: CUDA events on a GPU (the stream's time, after the work queued before
-    it), ``perf_counter`` on CPU."""
+    it), ``clock`` (``perf_counter``) on CPU."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, clock: Callable[[], float] = time.perf_counter):
         self.cuda = device.type == "cuda"
-        self.device = device
-        self.name = "cuda events" if self.cuda else "perf_counter"
+        self.device, self.clock = device, clock
+        self.name = "cuda events" if self.cuda else getattr(clock, "__name__", "clock")
 
     def __call__(self, fn: Callable[[], Any]) -> tuple[float, Any]:
         if self.cuda:
@@ -202,9 +202,9 @@ class Timer:
             end.record()
             end.synchronize()
             return start.elapsed_time(end) / 1000.0, result
-        start = time.perf_counter()
+        start = self.clock()
         result = fn()
-        return time.perf_counter() - start, result
+        return self.clock() - start, result
 
 
 class Generation:
@@ -306,29 +306,12 @@ class Generation:
         return prefill_s, decode_s
 
 
-@torch.no_grad()
 def time_generation(model, ids: torch.Tensor, new_tokens: int, device: torch.device,
                     clock=time.perf_counter) -> tuple[float, float]:
-    """Seconds for one eager prefill of ``ids`` and ``new_tokens`` greedy decode steps after it, on
-    ``clock`` (the wall clock; scripts/bench_cpu_kernels.py may pass ``time.process_time``). The
-    suite itself times through :class:`Generation` and :class:`Timer`."""
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    cache = _cache_kwarg(model)
-    sync()
-    start = clock()
-    out = model(ids, use_cache=True)
-    sync()
-    prefill = clock() - start
-    past, token = _output_cache(out), out.logits[:, -1:].argmax(-1)
-    start = clock()
-    for _ in range(new_tokens):
-        out = model(token, use_cache=True, **{cache: past})
-        past, token = _output_cache(out), out.logits[:, -1:].argmax(-1)
-    sync()
-    return prefill, clock() - start
+    """Seconds for one eager prefill of ``ids`` and ``new_tokens`` greedy decode steps after it (the
+    suite's :class:`Generation` without a static cache), on ``clock`` where the CPU is timed
+    (scripts/bench_cpu_kernels.py may pass ``time.process_time``)."""
+    return Generation(model, "none", device).timed(Timer(device, clock), ids, new_tokens)
 
 
 def _same_method(method, baseline) -> bool:

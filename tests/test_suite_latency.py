@@ -203,3 +203,21 @@ def test_the_decode_mode_is_used_and_recorded(monkeypatch):
     m = LatencySuite(**FAST, compile="torch-compile").measure(ctx)
     assert compiled == ["torch-compile", "torch-compile"]  # the method's model and the baseline's
     assert ctx.extra["compile"] == "torch-compile" and m["decode_tok_s_b1"].value > 0
+
+
+def test_time_generation_times_one_prefill_and_the_decode_steps_on_the_given_clock():
+    """scripts/bench_cpu_kernels.py's timer is the suite's Generation: the clock is read around the
+    prefill and around all decode steps (not per step), and the decode really runs ``new_tokens`` steps."""
+    model = load_model("tiny-llama").model.eval()
+    calls, forwards = [], []
+    model.register_forward_hook(lambda module, args, out: forwards.append(args[0].shape[1]))
+
+    def clock():
+        calls.append(len(forwards))
+        return float(len(calls))
+
+    prefill_s, decode_s = latency.time_generation(model, torch.ones(1, 5, dtype=torch.long), 3,
+                                                  torch.device("cpu"), clock)
+    assert (prefill_s, decode_s) == (1.0, 1.0)
+    assert calls == [0, 1, 1, 4]  # prefill between the first two reads, three decode steps between the last two
+    assert forwards == [5, 1, 1, 1]
