@@ -45,12 +45,22 @@ def _exp_ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return np.exp(_ratio(num, den))
 
 
+def _stratified_mean(values: np.ndarray, strata: np.ndarray) -> np.ndarray:
+    """The mean over strata of each stratum's mean (mean accuracy over tasks: each task counts once,
+    whatever its item count)."""
+    means = [(values * (strata == s)).sum(axis=-1) / (strata == s).sum(axis=-1) for s in np.unique(strata)]
+    return np.mean(means, axis=0)
+
+
 # name -> (function of the named columns, number of columns). Each function reduces the last axis,
 # so it computes the statistic of one sample ([n]) or of many bootstrap resamples at once ([B, n]).
 STATISTICS: dict[str, tuple[Callable[..., np.ndarray], int]] = {
     "mean": (_mean, 1),  # e.g. accuracy = mean of per-item 0/1 correctness
     "ratio": (_ratio, 2),  # Σ a / Σ b, e.g. KL per token = Σ window KL sums / Σ window tokens
     "exp_ratio": (_exp_ratio, 2),  # exp(Σ a / Σ b), e.g. perplexity from window NLL sums and token counts
+    # mean over strata of the stratum means, e.g. mean accuracy over tasks from (0/1 result, task index);
+    # its bootstrap draws within each stratum, so every resample keeps each task's item count
+    "stratified_mean": (_stratified_mean, 2),
 }
 # How a comparison of two statistics is computed, and the value meaning "no difference".
 COMPARISONS: dict[str, tuple[Callable[[Any, Any], Any], float]] = {
@@ -181,7 +191,11 @@ def paired_bootstrap(a: SampleSet, b: SampleSet, statistic: Sequence[str], how: 
     compare, null = COMPARISONS[how]
     value = float(compare(fn(*cols_a), fn(*cols_b)))
     n = len(ia)
-    draws = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    rng = np.random.default_rng(seed)
+    if statistic[0] == "stratified_mean":
+        draws = _stratified_draws(cols_a[1], resamples, rng)
+    else:
+        draws = rng.integers(0, n, size=(resamples, n))
     with np.errstate(divide="ignore", invalid="ignore"):
         boot = compare(fn(*(c[draws] for c in cols_a)), fn(*(c[draws] for c in cols_b)))
     boot = boot[np.isfinite(boot)]
@@ -190,6 +204,15 @@ def paired_bootstrap(a: SampleSet, b: SampleSet, statistic: Sequence[str], how: 
     tail = (1 - LEVEL) / 2
     low, high = np.quantile(boot, [tail, 1 - tail])
     return Interval(value, float(low), float(high), null, "paired bootstrap", n, resamples)
+
+
+def _stratified_draws(strata: np.ndarray, resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """[resamples, n] indices drawn with replacement within each stratum (each keeps its size)."""
+    parts = []
+    for stratum in np.unique(strata):
+        members = np.flatnonzero(strata == stratum)
+        parts.append(members[rng.integers(0, members.size, size=(resamples, members.size))])
+    return np.concatenate(parts, axis=1)
 
 
 def normal_interval(a: float, b: float, stderr_a: float, stderr_b: float, how: str = "diff") -> Interval:

@@ -22,7 +22,8 @@ acc_norm) are kept in the record as a sample set (:mod:`qbench.paired`) keyed by
 version, the shot count and the data (file hash or hub dataset), so two cells that answered the same
 items are compared **paired** (bootstrap over items, the same draw for both): a quantized model
 mostly gets the same items right as its baseline, and the paired interval is much narrower than one
-from the two standard errors. The mean over tasks keeps the unpaired normal interval.
+from the two standard errors. The mean over tasks is paired too: a bootstrap within each task
+(every resample keeps each task's item count) of the mean of the tasks' main metrics.
 """
 from __future__ import annotations
 
@@ -185,7 +186,9 @@ def item_key(task: str, info: dict, num_fewshot: int) -> str:
 
 
 def item_samples(results: dict, names: list[str], described: dict, num_fewshot: int) -> dict[str, dict]:
-    """task -> the per-item sample set of its 0/1 metrics (lm-eval's logged samples, by doc_id)."""
+    """task -> the per-item sample set of its 0/1 metrics (lm-eval's logged samples, by doc_id), and
+    ``tasks``: every task's main metric per item (ids ``task/doc_id``) with the task's index, from
+    which the mean over tasks is recomputed (a stratified mean) when every task has its items."""
     out = {}
     for name in names:
         logged = sorted((results.get("samples") or {}).get(name) or [], key=lambda item: item["doc_id"])
@@ -195,6 +198,14 @@ def item_samples(results: dict, names: list[str], described: dict, num_fewshot: 
         out[name] = sample_set_json(item_key(name, described[name], num_fewshot),
                                     [int(item["doc_id"]) for item in logged],
                                     {m: [float(item[m]) for item in logged] for m in columns})
+    if all(name in out and TASKS[name][1] in out[name]["values"] for name in names):
+        ids, main, task = [], [], []
+        for index, name in enumerate(names):
+            ids += [f"{name}/{i}" for i in out[name]["ids"]]
+            main += out[name]["values"][TASKS[name][1]]
+            task += [index] * len(out[name]["ids"])
+        out["tasks"] = sample_set_json(" | ".join(out[name]["key"] for name in names), ids,
+                                       {"main": main, "task": task})
     return out
 
 
@@ -237,7 +248,8 @@ def _metric_specs() -> dict[str, MetricSpec]:
         if name == "lambada_openai":
             specs["lambada_openai.perplexity"] = MetricSpec("lambada_openai ppl", higher_is_better=False)
     specs["mean_acc"] = MetricSpec("mean acc (%)", higher_is_better=True, display_unit="%", aggregate="mean",
-                                   vs_baseline="percent", baseline_title="mean recovery %")
+                                   vs_baseline="percent", baseline_title="mean recovery %",
+                                   samples="tasks", statistic=("stratified_mean", "main", "task"))
     # The other metric of tasks that report two (acc beside acc_norm...): with --columns all.
     specs["*.acc"] = MetricSpec("{0} acc (%)", higher_is_better=True, headline=False, display_unit="%",
                                 vs_baseline="percent", baseline_title="{0} acc recovery %",

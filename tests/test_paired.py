@@ -199,3 +199,23 @@ def test_html_plots_draw_the_paired_interval_as_an_error_bar(tmp_path):
     assert float(nf4["ppl"]) - below == pytest.approx(base["ppl"] + nf4["ppl Δ vs fp16 CI low"], abs=1e-3)
     assert float(nf4["ppl"]) + above == pytest.approx(base["ppl"] + nf4["ppl Δ vs fp16 CI high"], abs=1e-3)
     assert _error_bar(board, "ppl", "tiny-llama", "fp16", float(base["ppl"])) is None
+
+
+def test_stratified_bootstrap_keeps_each_stratum_and_matches_the_closed_form():
+    """Mean over tasks of per-task accuracy: the bootstrap draws within each task, so its interval of a
+    paired difference matches sqrt(Σ var(d_t) / n_t) / T, and the statistic is the mean of task means."""
+    rng = np.random.default_rng(3)
+    sizes = (1000, 300)
+    strata = np.concatenate([np.full(n, t) for t, n in enumerate(sizes)])
+    a_values = (rng.random(strata.size) < 0.6).astype(float)
+    b_values = np.where(rng.random(strata.size) < 0.1, 1 - a_values, a_values)
+    ids = list(range(strata.size))
+    a = SampleSet("tasks", tuple(ids), {"main": a_values, "task": strata.astype(float)})
+    b = SampleSet("tasks", tuple(ids), {"main": b_values, "task": strata.astype(float)})
+    stat = ("stratified_mean", "main", "task")
+    assert a.statistic(stat) == pytest.approx(np.mean([a_values[strata == t].mean() for t in range(2)]))
+    interval = paired_bootstrap(b, a, stat, "diff", resamples=4000, seed=2)
+    d = b_values - a_values
+    sd = np.sqrt(sum(d[strata == t].var() / n for t, n in enumerate(sizes))) / len(sizes)
+    assert interval.value == pytest.approx(b.statistic(stat) - a.statistic(stat))
+    assert interval.half_width == pytest.approx(1.96 * sd, rel=0.1)

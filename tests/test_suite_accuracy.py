@@ -231,6 +231,11 @@ def test_qbench_run_gives_lm_evals_own_numbers(tmp_path, small_model_dir):
         assert f" {name} v{direct['versions'][name]} 0-shot files:" in items["key"]
     assert compared == 8
     assert set(record["extra"]["samples"]["lambada_openai"]["values"]) == {"acc"}  # ppl is not a 0/1 item result
+    from qbench.paired import SampleSet
+
+    pooled = SampleSet.from_json(record["extra"]["samples"]["tasks"])
+    assert len(pooled.ids) == ITEMS * len(TASKS_FOR_EQUALITY.split("+"))
+    assert pooled.statistic(("stratified_mean", "main", "task")) == pytest.approx(metrics["mean_acc"]["value"])
     assert metrics["lambada_openai.perplexity"]["value"] > 1
     mains = [metrics[f"{n}.{accuracy.TASKS[n][1]}"]["value"] for n in TASKS_FOR_EQUALITY.split("+")]
     assert metrics["mean_acc"]["value"] == pytest.approx(sum(mains) / len(mains))
@@ -353,7 +358,7 @@ def test_leaderboard_shows_accuracy_with_stderr_and_recovery(tmp_path):
 def test_accuracy_differences_are_paired_over_the_same_items(tmp_path):
     """With per-item results kept, recovery % gets a paired bootstrap interval over the items both
     rows answered, far narrower than the unpaired one from two standard errors when the quantized
-    model gets mostly the same items right; items of another file refuse to pair."""
+    model gets mostly the same items right; the mean over tasks too; items of another file refuse to pair."""
     import random
 
     from qbench.cell import _jsonable_metrics
@@ -361,39 +366,45 @@ def test_accuracy_differences_are_paired_over_the_same_items(tmp_path):
     from qbench.paired import normal_interval
     from tests.fake_runs import record, write_run
 
-    suite = accuracy.AccuracySuite(tasks="piqa")
+    names = ["piqa", "winogrande"]
+    suite = accuracy.AccuracySuite(tasks="+".join(names))
     rng = random.Random(0)
-    base = [1.0 if rng.random() < 0.6 else 0.0 for _ in range(400)]
-    flipped = [v if rng.random() > 0.05 else 1.0 - v for v in base]  # 5% of the answers change
-    described = {"piqa": {"source": "local", "version": 1.0, "files": {"validation": {"sha256": "ab" * 32}}}}
-    recs = []
-    for method, values in (("fp16", base), ("nf4", flipped)):
-        mean = sum(values) / len(values)
-        stderr = (mean * (1 - mean) / (len(values) - 1)) ** 0.5
-        logged = {"samples": {"piqa": [{"doc_id": i, "acc": v, "acc_norm": v} for i, v in enumerate(values)]}}
-        results = {"results": {"piqa": {"acc,none": mean, "acc_stderr,none": stderr, "acc_norm,none": mean,
-                                        "acc_norm_stderr,none": stderr}},
-                   "n-samples": {"piqa": {"effective": len(values)}}}
+    sizes = {"piqa": 400, "winogrande": 150}
+    base = {n: [1.0 if rng.random() < 0.6 else 0.0 for _ in range(sizes[n])] for n in names}
+    flipped = {n: [v if rng.random() > 0.05 else 1.0 - v for v in base[n]] for n in names}  # 5% of answers change
+
+    def described(sha):
+        return {n: {"source": "local", "version": 1.0, "files": {"validation": {"sha256": sha * 32}}} for n in names}
+
+    def make(method, answers, sha="ab"):
+        results = {"results": {}, "n-samples": {}, "samples": {}}
+        for n in names:
+            values = answers[n]
+            mean = sum(values) / len(values)
+            stderr = (mean * (1 - mean) / (len(values) - 1)) ** 0.5
+            results["results"][n] = {"acc,none": mean, "acc_stderr,none": stderr, "acc_norm,none": mean,
+                                     "acc_norm_stderr,none": stderr}
+            results["n-samples"][n] = {"effective": len(values)}
+            results["samples"][n] = [{"doc_id": i, "acc": v, "acc_norm": v} for i, v in enumerate(values)]
         rec = record(method, "accuracy", {})
-        rec["metrics"] = _jsonable_metrics(accuracy.metrics_from_results(results, suite.task_names), suite)
-        rec["extra"] = {"samples": accuracy.item_samples(logged, ["piqa"], described, 0)}
-        recs.append(rec)
-    frame = load_frame(write_run(tmp_path / "run", recs))
-    board = leaderboard(frame)
+        rec["metrics"] = _jsonable_metrics(accuracy.metrics_from_results(results, names), suite)
+        rec["extra"] = {"samples": accuracy.item_samples(results, names, described(sha), 0)}
+        return rec
+
+    recs = [make("fp16", base), make("nf4", flipped)]
+    board = leaderboard(load_frame(write_run(tmp_path / "run", recs)))
     nf4 = board[board["method"] == "nf4"].iloc[0]
-    recovery = 100 * sum(flipped) / sum(base)
-    assert nf4["piqa recovery %"] == pytest.approx(recovery, abs=0.01)
-    paired_half = (nf4["piqa recovery % CI high"] - nf4["piqa recovery % CI low"]) / 2
-    se = [r["metrics"]["piqa.acc"]["stderr"] for r in recs]
-    unpaired = normal_interval(sum(flipped) / 400, sum(base) / 400, se[1], se[0], "percent")
-    assert 0 < paired_half < unpaired.half_width / 2
+    assert nf4["piqa recovery %"] == pytest.approx(100 * sum(flipped["piqa"]) / sum(base["piqa"]), abs=0.01)
+    for title, metric in (("piqa recovery %", "piqa.acc"), ("mean recovery %", "mean_acc")):
+        paired_half = (nf4[f"{title} CI high"] - nf4[f"{title} CI low"]) / 2
+        a, b = (r["metrics"][metric] for r in recs)
+        unpaired = normal_interval(b["value"], a["value"], b["stderr"], a["stderr"], "percent")
+        assert 0 < paired_half < unpaired.half_width / 2, title
 
     # the same ids over another file: no interval rather than a wrong pairing
-    other = dict(recs[1], extra={"samples": accuracy.item_samples(
-        {"samples": {"piqa": [{"doc_id": i, "acc": v, "acc_norm": v} for i, v in enumerate(flipped)]}}, ["piqa"],
-        {"piqa": {"source": "local", "version": 1.0, "files": {"validation": {"sha256": "cd" * 32}}}}, 0)})
-    board = leaderboard(load_frame(write_run(tmp_path / "other", [recs[0], other])))
-    assert pd_isna(board[board["method"] == "nf4"].iloc[0].get("piqa recovery % CI low"))
+    board = leaderboard(load_frame(write_run(tmp_path / "other", [recs[0], make("nf4", flipped, sha="cd")])))
+    other = board[board["method"] == "nf4"].iloc[0]
+    assert pd_isna(other.get("piqa recovery % CI low")) and pd_isna(other.get("mean recovery % CI low"))
 
 
 def pd_isna(value) -> bool:
