@@ -195,9 +195,13 @@ def item_samples(results: dict, names: list[str], described: dict, num_fewshot: 
         columns = [m for m in TASKS[name][0] if m != "perplexity" and all(m in item for item in logged)]
         if not logged or not columns:
             continue
+        values = {m: [float(item[m]) for item in logged] for m in columns}
+        if "perplexity" in TASKS[name][0] and all("perplexity" in item for item in logged):
+            # lm-eval's per-item "perplexity" is the target's loglikelihood; the task's is exp(−mean)
+            values["nll"] = [-float(item["perplexity"]) for item in logged]
+            values["count"] = [1.0] * len(logged)
         out[name] = sample_set_json(item_key(name, described[name], num_fewshot),
-                                    [int(item["doc_id"]) for item in logged],
-                                    {m: [float(item[m]) for item in logged] for m in columns})
+                                    [int(item["doc_id"]) for item in logged], values)
     if all(name in out and TASKS[name][1] in out[name]["values"] for name in names):
         ids, main, task = [], [], []
         for index, name in enumerate(names):
@@ -246,7 +250,8 @@ def _metric_specs() -> dict[str, MetricSpec]:
                                              vs_baseline="percent", baseline_title=f"{name} recovery %",
                                              samples=name, statistic=("mean", main))
         if name == "lambada_openai":
-            specs["lambada_openai.perplexity"] = MetricSpec("lambada_openai ppl", higher_is_better=False)
+            specs["lambada_openai.perplexity"] = MetricSpec("lambada_openai ppl", higher_is_better=False,
+                                                            samples=name, statistic=("exp_ratio", "nll", "count"))
     specs["mean_acc"] = MetricSpec("mean acc (%)", higher_is_better=True, display_unit="%", aggregate="mean",
                                    vs_baseline="percent", baseline_title="mean recovery %",
                                    samples="tasks", statistic=("stratified_mean", "main", "task"))

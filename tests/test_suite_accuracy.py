@@ -12,6 +12,7 @@ import torch
 from lm_eval.api.task import ConfigurableTask
 from lm_eval.tasks._yaml_loader import load_yaml
 
+from qbench.paired import SampleSet
 from qbench.params import QBenchError
 from qbench.records import read_records
 from qbench.suites import accuracy
@@ -225,14 +226,17 @@ def test_qbench_run_gives_lm_evals_own_numbers(tmp_path, small_model_dir):
         items = record["extra"]["samples"][name]
         logged = {item["doc_id"]: item for item in direct["samples"][name]}
         assert items["ids"] == sorted(logged) == list(range(ITEMS))
-        for metric, values in items["values"].items():
+        for metric in set(items["values"]) - {"nll", "count"}:
+            values = items["values"][metric]
             assert values == [logged[i][metric] for i in items["ids"]], (name, metric)
             assert sum(values) / len(values) == pytest.approx(metrics[f"{name}.{metric}"]["value"])
         assert f" {name} v{direct['versions'][name]} 0-shot files:" in items["key"]
     assert compared == 8
-    assert set(record["extra"]["samples"]["lambada_openai"]["values"]) == {"acc"}  # ppl is not a 0/1 item result
-    from qbench.paired import SampleSet
-
+    # lambada: its perplexity, exp(−mean loglikelihood), recomputed from the items' NLLs
+    lambada = SampleSet.from_json(record["extra"]["samples"]["lambada_openai"])
+    assert set(lambada.values) == {"acc", "nll", "count"}
+    assert lambada.statistic(("exp_ratio", "nll", "count")) == \
+        pytest.approx(metrics["lambada_openai.perplexity"]["value"], rel=1e-9)
     pooled = SampleSet.from_json(record["extra"]["samples"]["tasks"])
     assert len(pooled.ids) == ITEMS * len(TASKS_FOR_EQUALITY.split("+"))
     assert pooled.statistic(("stratified_mean", "main", "task")) == pytest.approx(metrics["mean_acc"]["value"])
