@@ -22,6 +22,8 @@ from typing import Callable
 
 import torch
 
+from qbench.paths import cache_dir
+
 log = logging.getLogger("qbench.cpu_kernels")
 
 _LIBRARIES: dict[str, ctypes.CDLL | None] = {}
@@ -38,9 +40,7 @@ def _compile(name: str, source: str) -> ctypes.CDLL:
     flags = ["-O3", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off", "-std=c11"]
     flags += ["-mavx512f", "-mavx512bw", "-mfma"] if avx512() else []
     digest = hashlib.sha256("\0".join([source, compiler, *flags]).encode()).hexdigest()[:16]
-    # qbench's cache folder (qbench.models.cache_dir; kernels do not import the host's model code)
-    cache = Path(os.environ.get("QBENCH_CACHE_DIR", Path.home() / ".cache" / "qbench"))
-    target = cache / "cpu_kernels" / f"{name}_{digest}.so"
+    target = cache_dir() / "cpu_kernels" / f"{name}_{digest}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:

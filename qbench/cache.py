@@ -29,7 +29,7 @@ from torch import nn
 
 from qbench.durable import file_sha256
 from qbench.method import QuantizedLinear, class_path, quantized_modules, set_submodule
-from qbench.models import cache_dir
+from qbench.paths import cache_dir
 from qbench.records import canonical
 
 # 2: checksums in the manifest; 3: the LoRA and NF4 layers moved to qbench.quant, and qlora's train stage

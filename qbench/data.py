@@ -37,7 +37,7 @@ def data_dirs(explicit: str | None = None) -> list[Path]:
 def datasets_cache_dir() -> str:
     """Where ``datasets`` keeps what it converts (also from the user's own files): under qbench's
     cache dir, not ~/.cache/huggingface."""
-    from qbench.models import cache_dir
+    from qbench.paths import cache_dir
 
     return str(cache_dir() / "datasets")
 

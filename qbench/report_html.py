@@ -128,7 +128,7 @@ def plots(board: pd.DataFrame) -> list[tuple[str, str]]:
     """(title, base64 PNG) per plot; raises ImportError without matplotlib."""
     import os
 
-    from qbench.models import cache_dir
+    from qbench.paths import cache_dir
 
     # its font cache goes under qbench's cache dir, not ~/.cache/matplotlib (only if not imported yet)
     os.environ.setdefault("MPLCONFIGDIR", str(cache_dir() / "matplotlib"))

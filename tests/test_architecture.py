@@ -76,7 +76,8 @@ def test_plugins_do_not_import_each_other():
 
 def test_kernels_know_only_torch_triton_and_the_host_basics():
     graph = _graph()
-    allowed = ("qbench.kernels", "qbench.params", "qbench.records")  # records: compile_check's provenance line
+    # records: compile_check's provenance line; paths: the cache folder (compiled CPU kernels)
+    allowed = ("qbench.kernels", "qbench.params", "qbench.records", "qbench.paths")
     for name, deps in graph.items():
         if name.startswith("qbench.kernels."):
             assert all(d.startswith(allowed) for d in deps), f"{name} imports {deps}"
