@@ -182,11 +182,17 @@ def compare_methods(run: Path, method_a: str, method_b: str, resamples: int = RE
     cells = _cells(run)
 
     def same_method(label: str, rec: dict[str, Any]) -> bool:
-        # by label, or by name + every parameter value: a label omits defaults, and defaults change
-        if rec["method"].get("label") == label:
-            return True
+        # By name + parameter values where both are known: a label omits defaults, and defaults change,
+        # so the same label may name other values in an older record. By label only otherwise.
         wanted = _method_values(label)
-        return wanted is not None and (rec["method"]["name"], canonical(rec["method"].get("params"))) == wanted
+        params = rec["method"].get("params")
+        if wanted is None or not isinstance(params, dict):
+            return rec["method"].get("label") == label
+        name, values = wanted
+        values = json.loads(values)
+        # a record made before a parameter existed is compared on the parameters it has
+        return rec["method"]["name"] == name and all(values.get(k, v) == v for k, v in params.items()) \
+            and set(params) <= set(values)
 
     pick = lambda label: {(k[0], f"{method_b} vs {method_a}", k[2]): rec  # noqa: E731
                           for k, rec in cells.items() if same_method(label, rec)}

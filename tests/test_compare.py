@@ -92,3 +92,22 @@ def test_methods_are_found_by_their_parameters_when_the_defaults_changed(tmp_pat
     other = host.make_method("gptq", {"act_order": False, "static_groups": False}).label
     result = qbench_cli("compare", str(run), "--methods", f"affine,{other}")
     assert result.returncode == 2 and "has no cells" in result.stderr
+
+
+def test_a_label_whose_defaults_changed_does_not_pick_the_older_cells(tmp_path):
+    """`smoothquant` today (targets=all, alpha=0.8) is not the record labelled `smoothquant` under the
+    older defaults (targets=norms, alpha=0.5): compare takes the cell whose values match, not the label."""
+    from qbench import host
+
+    older = host.make_method("smoothquant", {"targets": "norms", "alpha": "0.5"})
+    today = host.make_method("smoothquant", {})
+    old = record("smoothquant", "perplexity", {"ppl": 36.8})  # labelled when these were the defaults
+    old["method"]["params"] = json.loads(json.dumps(older.values, default=str))
+    new = record("smoothquant:alpha=0.8,targets=all", "perplexity", {"ppl": 20.0})
+    new["method"]["params"] = json.loads(json.dumps(today.values, default=str))
+    base = record("int8-absmax", "perplexity", {"ppl": 19.2})
+    run = write_run(tmp_path / "run", [base, old, new])
+    md = render_comparison(run, None, "md", methods=["int8-absmax", today.label])
+    assert "20" in md and "36.8" not in md
+    md = render_comparison(run, None, "md", methods=["int8-absmax", older.label])
+    assert "36.8" in md and "| 20 |" not in md
