@@ -11,7 +11,8 @@ Activations (``activations=``):
   int8 x int8 -> int32 GEMM with both scales in the epilogue.
 * ``static``: one activation absmax per layer fixed from calibration windows (``observer=max``:
   the largest |x| seen; ``observer=percentile``: the ``percentile``-th percentile of |x| in each
-  window, averaged over the windows), values beyond it clamp to ±127. Needs calibration data.
+  window, averaged over the windows; ``observer=ema``: llm-compressor's default, the first window's
+  min/max moved 1% toward each later window's), values beyond it clamp to ±127. Needs calibration data.
 
 W8A8 needs one weight scale per row or per tensor (the scales go in the GEMM epilogue), so
 ``granularity=block`` is weight-only. On CPU the modules run ATen's kernels (:mod:`qbench.kernels._cpu`):
@@ -48,7 +49,9 @@ class Int8Absmax(Method):
         "block_size": Param(int, 64, "input columns per block (granularity=block)", check=_positive),
         "activations": Param(str, "none", "none = W8A16; dynamic = per-token int8 at run time; "
                              "static = per-layer scale from calibration", choices=ACTIVATIONS),
-        "observer": Param(str, "max", "static activation range: max or percentile of |x|", choices=OBSERVERS),
+        "observer": Param(str, "max", "static activation range: max, percentile of |x|, or ema "
+                         "(llm-compressor's default: moving average of each window's min/max, constant 0.01)",
+                          choices=OBSERVERS),
         "percentile": Param(float, 99.99, "percentile of |x| for observer=percentile",
                             check=lambda v: None if 0 < v <= 100 else "must be in (0, 100]"),
         "nsamples": Param(int, 16, "calibration windows (activations=static)", check=_positive),

@@ -124,7 +124,9 @@ class SmoothQuant(Method):
                          "(from v_proj) and down_proj (from up_proj)", choices=tuple(TARGETS)),
         "activations": Param(str, "static", "static = one calibrated scale per layer; dynamic = per token at run "
                              "time", choices=("static", "dynamic")),
-        "observer": Param(str, "max", "static activation range: max or percentile of |x|", choices=OBSERVERS),
+        "observer": Param(str, "max", "static activation range: max, percentile of |x|, or ema "
+                         "(llm-compressor's default: moving average of each window's min/max, constant 0.01)",
+                          choices=OBSERVERS),
         "percentile": Param(float, 99.99, "percentile of |x| for observer=percentile",
                             check=lambda v: None if 0 < v <= 100 else "must be in (0, 100]"),
         "nsamples": Param(int, 16, "calibration windows (smoothing statistics and static ranges)", check=_positive),

@@ -204,3 +204,25 @@ def test_methods_listed_with_their_parameters():
     listing = CliRunner().invoke(main, ["methods"]).stdout
     for needle in ("awq", "alpha_grid", "smoothquant", "targets"):
         assert needle in listing
+
+
+def test_ema_observer_is_llm_compressors_moving_average_of_each_windows_range():
+    """observer=ema: the first window's min and max, each moved 1% toward every later window's, and
+    the larger magnitude of the two (llm-compressor's MinMaxObserver, averaging_constant 0.01)."""
+    from qbench.quant.int8 import observe_activation_absmax
+
+    class Echo(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(1, 1)
+
+        def forward(self, ids):
+            return self.proj(ids.float().reshape(-1, 1))
+
+    windows = torch.tensor([[-3, 2], [-1, 10], [0, 4]])
+    got = observe_activation_absmax(Echo(), windows, ["proj"], "ema", 99.99)["proj"]
+    low, high = -3.0, 2.0
+    for w_low, w_high in ((-1.0, 10.0), (0.0, 4.0)):
+        low, high = low + 0.01 * (w_low - low), high + 0.01 * (w_high - high)
+    assert got.item() == pytest.approx(max(abs(low), abs(high)))
+    assert observe_activation_absmax(Echo(), windows, ["proj"], "max", 99.99)["proj"].item() == 10.0

@@ -24,7 +24,8 @@ from qbench.params import QBenchError
 
 GRANULARITIES = ("tensor", "channel", "block")
 ACTIVATIONS = ("none", "dynamic", "static")
-OBSERVERS = ("max", "percentile")
+OBSERVERS = ("max", "percentile", "ema")
+EMA_CONSTANT = 0.01  # llm-compressor's MinMaxObserver (its default for static activations): averaging_constant
 
 
 class Int8AbsmaxLinear(QuantizedLinear):
@@ -127,12 +128,18 @@ class Int8AbsmaxLinear(QuantizedLinear):
 def observe_activation_absmax(model: nn.Module, windows: torch.Tensor, names: list[str], observer: str,
                               percentile: float) -> dict[str, torch.Tensor]:
     """Run ``windows`` ([n, seqlen] token ids) through ``model`` one at a time and return, per
-    linear ``name``, the absmax of its input: max over windows (``max``) or the mean over windows
-    of each window's ``percentile``-th percentile of |x| (``percentile``)."""
+    linear ``name``, the absmax of its input: max over windows (``max``), the mean over windows
+    of each window's ``percentile``-th percentile of |x| (``percentile``), or llm-compressor's
+    default static observer (``ema``): the first window's min and max, each moved by 1% toward
+    every later window's, and the larger magnitude of the two."""
     seen: dict[str, list[torch.Tensor]] = {name: [] for name in names}
 
     def hook_for(name):
         def hook(module, inputs, output):
+            if observer == "ema":
+                signed = inputs[0].detach().float()
+                seen[name].append(torch.stack([signed.min(), signed.max()]))
+                return
             values = inputs[0].detach().float().abs().flatten()
             if observer == "max":
                 seen[name].append(values.max())
@@ -156,5 +163,11 @@ def observe_activation_absmax(model: nn.Module, windows: torch.Tensor, names: li
         if not values:
             raise QBenchError(f"int8-absmax calibration: layer {name} saw no input; check the model")
         stacked = torch.stack(values)
-        result[name] = (stacked.max() if observer == "max" else stacked.mean()).cpu()
+        if observer == "ema":
+            low_high = stacked[0]
+            for window in stacked[1:]:
+                low_high = low_high + EMA_CONSTANT * (window - low_high)
+            result[name] = low_high.abs().max().cpu()
+        else:
+            result[name] = (stacked.max() if observer == "max" else stacked.mean()).cpu()
     return result
