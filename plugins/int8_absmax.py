@@ -31,7 +31,14 @@ from torch import nn
 from qbench import hookimpl
 from qbench.method import Method, quantizable_linears, replace_linears
 from qbench.params import Param, QBenchError
-from qbench.quant.int8 import ACTIVATIONS, GRANULARITIES, OBSERVERS, Int8AbsmaxLinear, observe_activation_absmax
+from qbench.quant.int8 import (
+    ACTIVATIONS,
+    GRANULARITIES,
+    STATIC_RANGE_PARAMS,
+    Int8AbsmaxLinear,
+    check_static_range,
+    observe_activation_absmax,
+)
 
 
 def _positive(value) -> str | None:
@@ -49,11 +56,7 @@ class Int8Absmax(Method):
         "block_size": Param(int, 64, "input columns per block (granularity=block)", check=_positive),
         "activations": Param(str, "none", "none = W8A16; dynamic = per-token int8 at run time; "
                              "static = per-layer scale from calibration", choices=ACTIVATIONS),
-        "observer": Param(str, "max", "static activation range: max, percentile of |x|, or ema "
-                         "(llm-compressor's default: moving average of each window's min/max, constant 0.01)",
-                          choices=OBSERVERS),
-        "percentile": Param(float, 99.99, "percentile of |x| for observer=percentile",
-                            check=lambda v: None if 0 < v <= 100 else "must be in (0, 100]"),
+        **STATIC_RANGE_PARAMS,
         "nsamples": Param(int, 16, "calibration windows (activations=static)", check=_positive),
         "seqlen": Param(int, 512, "tokens per calibration window (activations=static)", check=_positive),
         "seed": Param(int, 0, "seed of the calibration windows (activations=static)"),
@@ -67,8 +70,8 @@ class Int8Absmax(Method):
         if values["granularity"] == "block" and values["activations"] != "none":
             return ("granularity=block is weight-only (W8A8 applies weight scales in the int32 GEMM epilogue); "
                     "use granularity=channel or tensor with activations=dynamic/static")
-        if values["observer"] != "max" and values["activations"] != "static":
-            return "observer applies to activations=static only"
+        if check_static_range(values):
+            return check_static_range(values)
         if values["seed"] != 0 and values["activations"] != "static":
             return "seed picks the calibration windows of activations=static; other settings draw nothing"
         return None

@@ -36,7 +36,7 @@ from qbench.calibrate import decoder_layers
 from qbench.fold import ScaleSite, block_sites, check_same_function, fold_scales, folded_parameter_names
 from qbench.method import Method, quantizable_linears, replace_linears
 from qbench.params import Param, QBenchError
-from qbench.quant.int8 import OBSERVERS, Int8AbsmaxLinear, observe_activation_absmax
+from qbench.quant.int8 import STATIC_RANGE_PARAMS, Int8AbsmaxLinear, check_static_range, observe_activation_absmax
 
 TARGETS = {"norms": ("attn_in", "mlp_in"), "all": ("attn_in", "attn_out", "mlp_in", "mlp_out")}
 
@@ -124,20 +124,14 @@ class SmoothQuant(Method):
                          "(from v_proj) and down_proj (from up_proj)", choices=tuple(TARGETS)),
         "activations": Param(str, "static", "static = one calibrated scale per layer; dynamic = per token at run "
                              "time", choices=("static", "dynamic")),
-        "observer": Param(str, "max", "static activation range: max, percentile of |x|, or ema "
-                         "(llm-compressor's default: moving average of each window's min/max, constant 0.01)",
-                          choices=OBSERVERS),
-        "percentile": Param(float, 99.99, "percentile of |x| for observer=percentile",
-                            check=lambda v: None if 0 < v <= 100 else "must be in (0, 100]"),
+        **STATIC_RANGE_PARAMS,
         "nsamples": Param(int, 16, "calibration windows (smoothing statistics and static ranges)", check=_positive),
         "seqlen": Param(int, 512, "tokens per calibration window", check=_positive),
         "seed": Param(int, 0, "seed of the calibration windows"),
     }
 
     def check(self, values: dict[str, Any]) -> str | None:
-        if values["observer"] != "max" and values["activations"] != "static":
-            return "observer applies to activations=static only"
-        return None
+        return check_static_range(values)
 
     def quantize(self, model: nn.Module, calibration=None) -> nn.Module:
         if calibration is None:

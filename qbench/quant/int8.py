@@ -20,12 +20,28 @@ from qbench.kernels.dequant_matmul import (
 )
 from qbench.kernels.int8_matmul import int8_matmul, int8_matmul_reference
 from qbench.method import QuantizedLinear
-from qbench.params import QBenchError
+from qbench.params import Param, QBenchError
 
 GRANULARITIES = ("tensor", "channel", "block")
 ACTIVATIONS = ("none", "dynamic", "static")
 OBSERVERS = ("max", "percentile", "ema")
 EMA_CONSTANT = 0.01  # llm-compressor's MinMaxObserver (its default for static activations): averaging_constant
+
+# How a static activation range is observed: the same parameters in int8-absmax and smoothquant.
+STATIC_RANGE_PARAMS = {
+    "observer": Param(str, "max", "static activation range: max, percentile of |x|, or ema "
+                      "(llm-compressor's default: moving average of each window's min/max, constant 0.01)",
+                      choices=OBSERVERS),
+    "percentile": Param(float, 99.99, "percentile of |x| for observer=percentile",
+                        check=lambda v: None if 0 < v <= 100 else "must be in (0, 100]"),
+}
+
+
+def check_static_range(values: dict) -> str | None:
+    """The observer parameters only mean something for static activations."""
+    if values["observer"] != "max" and values["activations"] != "static":
+        return "observer applies to activations=static only"
+    return None
 
 
 class Int8AbsmaxLinear(QuantizedLinear):
