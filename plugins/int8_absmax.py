@@ -70,8 +70,8 @@ class Int8Absmax(Method):
         if values["granularity"] == "block" and values["activations"] != "none":
             return ("granularity=block is weight-only (W8A8 applies weight scales in the int32 GEMM epilogue); "
                     "use granularity=channel or tensor with activations=dynamic/static")
-        if check_static_range(values):
-            return check_static_range(values)
+        if why := check_static_range(values):
+            return why
         if values["seed"] != 0 and values["activations"] != "static":
             return "seed picks the calibration windows of activations=static; other settings draw nothing"
         return None

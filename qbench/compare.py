@@ -30,7 +30,7 @@ from qbench.paired import (
     paired_bootstrap,
 )
 from qbench.params import QBenchError
-from qbench.records import canonical, load_latest
+from qbench.records import load_latest
 from qbench.suite import MetricSpec
 
 Key = tuple[str, str, str]  # (model, method label, suite label)
@@ -163,8 +163,8 @@ def method_labels(texts: str) -> list[str]:
     return [host.make_method(spec.name, spec.params).label for spec in parse_specs(texts)]
 
 
-def _method_values(label: str) -> tuple[str, str] | None:
-    """(name, canonical JSON of every parameter value) of the method a label names, or None."""
+def _method_values(label: str) -> tuple[str, dict[str, Any]] | None:
+    """(name, every parameter value as a record writes it) of the method a label names, or None."""
     from qbench import host
     from qbench.params import parse_specs
 
@@ -173,7 +173,19 @@ def _method_values(label: str) -> tuple[str, str] | None:
         method = host.make_method(spec.name, spec.params)
     except (QBenchError, ValueError):
         return None
-    return method.name, canonical(json.loads(json.dumps(method.values, default=str)))
+    return method.name, json.loads(json.dumps(method.values, default=str))
+
+
+def _same_method(label: str, wanted: tuple[str, dict[str, Any]] | None, rec: dict[str, Any]) -> bool:
+    """By name + parameter values where both are known: a label omits defaults, and defaults change,
+    so the same label may name other values in an older record. By label only otherwise. A record
+    made before a parameter existed is compared on the parameters it has."""
+    params = rec["method"].get("params")
+    if wanted is None or not isinstance(params, dict):
+        return rec["method"].get("label") == label
+    name, values = wanted
+    return rec["method"]["name"] == name and set(params) <= set(values) \
+        and all(values[k] == v for k, v in params.items())
 
 
 def compare_methods(run: Path, method_a: str, method_b: str, resamples: int = RESAMPLES,
@@ -181,21 +193,11 @@ def compare_methods(run: Path, method_a: str, method_b: str, resamples: int = RE
     """Method B against method A within one run: each model × suite both ran, metric by metric."""
     cells = _cells(run)
 
-    def same_method(label: str, rec: dict[str, Any]) -> bool:
-        # By name + parameter values where both are known: a label omits defaults, and defaults change,
-        # so the same label may name other values in an older record. By label only otherwise.
-        wanted = _method_values(label)
-        params = rec["method"].get("params")
-        if wanted is None or not isinstance(params, dict):
-            return rec["method"].get("label") == label
-        name, values = wanted
-        values = json.loads(values)
-        # a record made before a parameter existed is compared on the parameters it has
-        return rec["method"]["name"] == name and all(values.get(k, v) == v for k, v in params.items()) \
-            and set(params) <= set(values)
+    def pick(label: str) -> dict[Key, dict[str, Any]]:
+        wanted = _method_values(label)  # resolved once per label, not per record
+        return {(k[0], f"{method_b} vs {method_a}", k[2]): rec for k, rec in cells.items()
+                if _same_method(label, wanted, rec)}
 
-    pick = lambda label: {(k[0], f"{method_b} vs {method_a}", k[2]): rec  # noqa: E731
-                          for k, rec in cells.items() if same_method(label, rec)}
     a, b = pick(method_a), pick(method_b)
     for label, side in ((method_a, a), (method_b, b)):
         if not side:
