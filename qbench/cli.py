@@ -212,13 +212,16 @@ def run(methods_, models, suites_, dataset, data_dir, calibration, out, limit, d
 @click.option("--resamples", default=RESAMPLES_DEFAULT, show_default=True, type=click.IntRange(min=1),
               help="bootstrap resamples for the intervals of the differences against the baseline")
 @click.option("--bootstrap-seed", default=0, show_default=True, type=int, help="seed of the bootstrap")
+@click.option("--baseline", default=None,
+              help="the method (its label as the leaderboard shows it) the differences are against, e.g. "
+                   "affine:sym=true for GPTQ vs round-to-nearest  [default: the run's fp16/bf16/fp32 row]")
 @click.option("--seed-spread", is_flag=True,
               help="instead of the leaderboard: a metric's value per seed, mean, sd and range, for methods run "
                    "with several seeds (markdown)")
 @click.option("--metric", default="ppl", show_default=True, help="the metric of --seed-spread")
 @click.option("-o", "--output", default=None, help="write to this file instead of stdout")
 @user_errors
-def report(run_dir, fmt, columns, resamples, bootstrap_seed, seed_spread, metric, output):
+def report(run_dir, fmt, columns, resamples, bootstrap_seed, baseline, seed_spread, metric, output):
     """Render the leaderboard of RUN_DIR as markdown, csv, json or html."""
     from qbench.durable import write_atomic
     from qbench.report import render
@@ -231,7 +234,7 @@ def report(run_dir, fmt, columns, resamples, bootstrap_seed, seed_spread, metric
             raise QBenchError("--seed-spread writes markdown; drop --format")
         text = seed_spread_markdown(Path(run_dir), metric, command="qbench report " + " ".join(sys.argv[2:]))
     else:
-        text = render(Path(run_dir), fmt, columns, resamples=resamples, seed=bootstrap_seed)
+        text = render(Path(run_dir), fmt, columns, resamples=resamples, seed=bootstrap_seed, baseline=baseline)
     if output:
         write_atomic(Path(output), text, then="")
     else:

@@ -241,14 +241,15 @@ def _seed_columns(board: pd.DataFrame, frame: pd.DataFrame, chosen) -> dict[str,
 
 
 def leaderboard(frame: pd.DataFrame, columns: str = "headline", resamples: int = RESAMPLES,
-                seed: int = BOOTSTRAP_SEED) -> pd.DataFrame:
+                seed: int = BOOTSTRAP_SEED, baseline: str | None = None) -> pd.DataFrame:
     """One row per model × method: the metrics the suites declared as columns, each against the
     run's baseline row where its spec asks (with a 95% interval where the rows carry per-window
     samples or standard errors), then quantization time, kernel paths and status; beside a metric,
     its mean and spread over seeds where a method ran with several. A column no row has a value for
     is left out. ``board.attrs``: ``keys`` maps titles to metric keys, ``uncertainty`` / ``derived`` /
     ``seeds`` name the columns holding intervals and seed statistics, ``interval_notes`` says why a
-    difference has no interval."""
+    difference has no interval. ``baseline``: the method label (as the board shows it) the
+    differences are against, instead of the run's fp16/bf16/fp32 row (``board.attrs["baseline"]``)."""
     chosen = columns_of(frame, columns)
     units = frame.attrs.get("metric_units", {})
     out_rows = []
@@ -274,6 +275,9 @@ def leaderboard(frame: pd.DataFrame, columns: str = "headline", resamples: int =
     board = pd.DataFrame(out_rows)
     if board.empty:
         return board
+    if baseline is not None and baseline not in set(board["method"]):
+        raise QBenchError(f"--baseline {baseline!r} is not a method of this run; its methods: "
+                          + ", ".join(dict.fromkeys(board["method"])))
     seed_cols = _seed_columns(board, frame, chosen)
     # For plots: each row's paired interval of (value − baseline value), per metric with samples.
     diff_intervals: dict[str, dict[tuple[str, str], tuple[float, float]]] = {}
@@ -282,7 +286,7 @@ def leaderboard(frame: pd.DataFrame, columns: str = "headline", resamples: int =
             continue
         factor = DISPLAY_UNITS.get((units.get(key, ""), spec.display_unit), 1.0)
         for r in board.to_dict("records"):
-            base = baseline_row(board, r["model"])
+            base = baseline_row(board, r["model"], baseline)
             mine, theirs = sets.get((r["model"], r["method"], title)), sets.get((r["model"], (base or {}).get("method"),
                                                                                 title))
             if base is None or base["method"] == r["method"] or mine is None or theirs is None:
@@ -303,9 +307,11 @@ def leaderboard(frame: pd.DataFrame, columns: str = "headline", resamples: int =
                 uncertainty.setdefault(title, {})[suffix] = template.format(title)
         order.extend(seed_cols.get(title, {}).values())
         if spec.vs_baseline:
-            derived = spec.baseline_title if spec.baseline_title not in keys else f"{spec.baseline_title} [{key}]"
+            derived = against_title(spec.baseline_title, baseline)
+            derived = derived if derived not in keys else f"{derived} [{key}]"
             records = board.to_dict("records")
-            board[derived] = [_against((baseline_row(board, r["model"]) or {}).get(title), r[title], spec.vs_baseline)
+            board[derived] = [_against((baseline_row(board, r["model"], baseline) or {}).get(title), r[title],
+                                       spec.vs_baseline)
                               for r in records]
             order.append(derived)
             keys[derived] = f"{key}:{spec.vs_baseline}"
@@ -313,7 +319,7 @@ def leaderboard(frame: pd.DataFrame, columns: str = "headline", resamples: int =
             digits = 2 if spec.vs_baseline == "percent" else 4
             bounds: dict[str, list] = {suffix: [None] * len(records) for suffix in DERIVED_TITLES}
             for i, r in enumerate(records):
-                base = baseline_row(board, r["model"])
+                base = baseline_row(board, r["model"], baseline)
                 if base is None or base["method"] == r["method"] or board.at[i, derived] is None:
                     continue
                 interval, why = _interval_vs_baseline(r, base, title, spec, sets, factor, resamples, seed)
@@ -343,7 +349,15 @@ def leaderboard(frame: pd.DataFrame, columns: str = "headline", resamples: int =
     board.attrs["interval_notes"] = list(dict.fromkeys(notes))
     board.attrs["intervals"] = {"count": intervals, "resamples": resamples, "seed": seed}
     board.attrs["diff_intervals"] = {t: v for t, v in diff_intervals.items() if t in shown}
+    board.attrs["baseline"] = baseline
     return board
+
+
+def against_title(title: str, baseline: str | None) -> str:
+    """A derived column's title with the chosen baseline in place of fp16 ("ppl Δ vs affine:sym=true")."""
+    if baseline is None:
+        return title
+    return title.replace("vs fp16", f"vs {baseline}") if "vs fp16" in title else f"{title} vs {baseline}"
 
 
 def _plus_minus(value: float, low: float, high: float) -> str:
@@ -408,8 +422,9 @@ def column_for(board: pd.DataFrame, key: str) -> str | None:
     return None
 
 
-def baseline_row(board: pd.DataFrame, model: str) -> dict | None:
-    for name in BASELINES:
+def baseline_row(board: pd.DataFrame, model: str, baseline: str | None = None) -> dict | None:
+    """The row differences are against: ``baseline``'s where one is chosen, else fp16/bf16/fp32."""
+    for name in (baseline,) if baseline is not None else BASELINES:
         match = board[(board["model"] == model) & (board["method"] == name)]
         if len(match):
             return match.iloc[0].to_dict()
@@ -444,7 +459,8 @@ def claim_lines(frame: pd.DataFrame, board: pd.DataFrame) -> list[str]:
             holds = delta < claim["below"] if "below" in claim else delta > claim["above"]
             verdict, measured = ("holds" if holds else "does not hold"), f"{delta:+.3f}"
             derived = column_for(board, f"{claim['metric']}:{compare}")
-            cols = board.attrs.get("derived", {}).get(derived or "", {})
+            # the derived columns' intervals are against the fp16 row only when no other baseline was chosen
+            cols = board.attrs.get("derived", {}).get(derived or "", {}) if not board.attrs.get("baseline") else {}
             low, high = (mine.iloc[0][cols[CI_LOW]], mine.iloc[0][cols[CI_HIGH]]) if cols else (None, None)
             if _present(low) and _present(high):  # the verdict of the whole interval, not of the point
                 measured += f" [{low:+.3f}, {high:+.3f}]"

@@ -57,6 +57,8 @@ def interval_lines(board: pd.DataFrame) -> list[str]:
     """What the intervals on the differences are (method, resamples, seed), what '± over seeds' is,
     and why a difference has no interval where it has none."""
     lines = []
+    if board.attrs.get("baseline"):
+        lines.append(f"differences against: {board.attrs['baseline']} (the notes' claims stay against fp16)")
     if board.attrs.get("derived"):
         info = board.attrs["intervals"]
         lines.append(describe_method(info["resamples"], info["seed"]))
@@ -68,12 +70,13 @@ def interval_lines(board: pd.DataFrame) -> list[str]:
 
 
 def render(run_dir: Path, fmt: str, columns: str = "headline", resamples: int = RESAMPLES,
-           seed: int = BOOTSTRAP_SEED) -> str:
+           seed: int = BOOTSTRAP_SEED, baseline: str | None = None) -> str:
     """The leaderboard of ``run_dir`` in ``fmt`` (md, csv, json, html); ``columns="all"`` adds every
     titled metric, not only the headline ones; ``resamples`` and ``seed`` drive the bootstrap
-    intervals of the differences."""
+    intervals of the differences; ``baseline`` a method label to take the differences against
+    instead of the run's fp16/bf16/fp32 row."""
     frame = load_frame(run_dir)
-    board = leaderboard(frame, columns, resamples=resamples, seed=seed)
+    board = leaderboard(frame, columns, resamples=resamples, seed=seed, baseline=baseline)
     context = context_lines(frame, run_dir) + interval_lines(board)
     claims = claim_lines(frame, board)
     if fmt == "csv":

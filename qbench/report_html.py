@@ -104,7 +104,7 @@ def _error_bar(board: pd.DataFrame, y: str, model: str, method: str, value: floa
     difference the run cannot tell from none); else the interval or ±1.96 stderr the value carries."""
     row = board[(board["model"] == model) & (board["method"] == method)].iloc[0]
     paired = board.attrs.get("diff_intervals", {}).get(y, {}).get((model, method))
-    base = baseline_row(board, model)
+    base = baseline_row(board, model, board.attrs.get("baseline"))
     if paired is not None and base is not None and _is_number(base.get(y)):
         low, high = float(base[y]) + paired[0], float(base[y]) + paired[1]
         return max(0.0, value - low), max(0.0, high - value)
@@ -148,7 +148,8 @@ def plots(board: pd.DataFrame) -> list[tuple[str, str]]:
     for x, y, title, xlabel, ylabel, reference in (
         (bits, quality, f"{quality_label} vs bits per weight", "bits per weight (quantized layers)",
          quality_label, quality),
-        ("memory saved (%)", speedup, "decode speed-up vs memory saved", "memory saved vs FP16 (%)",
+        ("memory saved (%)", speedup, "decode speed-up vs memory saved",
+         f"memory saved vs {board.attrs.get('baseline') or 'FP16'} (%)",
          "decode speed-up vs FP16 (×, batch 1)", None),
     ):
         if x is None or y is None:
@@ -175,7 +176,7 @@ def plots(board: pd.DataFrame) -> list[tuple[str, str]]:
                             yerr=[[bar[0] for _, bar in bars], [bar[1] for _, bar in bars]])
             for _, method, px, py in mine:
                 ax.annotate(method, (px, py), textcoords="offset points", xytext=(4, 4), fontsize=8)
-            base = baseline_row(data, model)
+            base = baseline_row(data, model, board.attrs.get("baseline"))
             if reference is not None and base is not None and _is_number(base.get(reference)):
                 ax.axhline(float(base[reference]), linestyle="--", color="gray", linewidth=1,
                            label=f"{base['method']} ({model})")

@@ -137,6 +137,25 @@ def test_leaderboard_differences_carry_paired_intervals_and_significance(tmp_pat
     assert "500 resamples" in render(run, "md", resamples=500)
 
 
+def test_report_takes_the_differences_against_a_chosen_baseline_row(tmp_path):
+    # no fp16 row at all (a GPTQ-vs-RTN run): --baseline names the reference row
+    run = write_run(tmp_path / "run", [_ppl_record("affine:sym=true", 8.0), _ppl_record("gptq", 3.0),
+                                       _ppl_record("hqq", 8.0)])
+    assert "ppl Δ vs fp16" not in leaderboard(load_frame(run)).columns
+    board = leaderboard(load_frame(run), baseline="affine:sym=true")
+    rows = {r["method"]: r for r in board.to_dict("records")}
+    title = "ppl Δ vs affine:sym=true"
+    assert rows["gptq"][title] == pytest.approx(rows["gptq"]["ppl"] - rows["affine:sym=true"]["ppl"], abs=1e-3)
+    assert rows["gptq"][f"{title} CI high"] < 0 and rows["gptq"][f"{title} significant"] is True
+    assert rows["hqq"][f"{title} CI low"] < 0 < rows["hqq"][f"{title} CI high"]
+    md = qbench_cli("report", str(run), "--baseline", "affine:sym=true")
+    assert md.returncode == 0, md.stderr
+    assert title in md.stdout and "differences against: affine:sym=true" in md.stdout
+    bad = qbench_cli("report", str(run), "--baseline", "fp16")
+    last = bad.stderr.strip().splitlines()[-1]
+    assert bad.returncode == 2 and "not a method of this run" in last and "gptq" in last
+
+
 def test_seed_rows_get_mean_and_spread_beside_their_own_value(tmp_path):
     recs = [_ppl_record("fp16", 0)] + [_ppl_record(label, shift, seed=seed) for label, shift, seed in
                                        (("gptq", 4.0, 0), ("gptq:seed=1", 6.0, 1), ("gptq:seed=2", 5.0, 2))]
