@@ -23,7 +23,7 @@ from qbench.paired import (
     normal_interval,
     paired_bootstrap,
 )
-from qbench.params import QBenchError
+from qbench.params import QBenchError, label
 from qbench.records import load_latest
 from qbench.suite import MetricSpec
 
@@ -57,11 +57,12 @@ def load_frame(run_dir: Path) -> pd.DataFrame:
     metric's spec and unit (in the order they first appear) for :func:`leaderboard`."""
     records = list(load_latest(run_dir).values())
     rows, specs, units = [], {}, {}
+    installed = _installed_methods()
     for rec in records:
         row = {
             "model": rec["model"]["name"],
             "model_kind": rec["model"].get("kind"),
-            "method": rec["method"].get("label", rec["method"]["name"]),
+            "method": current_label(rec["method"], installed),
             "method_name": rec["method"]["name"],
             "suite": rec["suite"]["name"],
             "suite_label": rec["suite"].get("label", rec["suite"]["name"]),
@@ -97,6 +98,28 @@ def load_frame(run_dir: Path) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     frame.attrs["metric_specs"], frame.attrs["metric_units"] = specs, units
     return frame
+
+
+def _installed_methods() -> dict:
+    from qbench import host
+
+    try:
+        return host.methods()
+    except QBenchError:
+        return {}
+
+
+def current_label(method: dict, installed: dict) -> str:
+    """The method's label by today's defaults. A label leaves default values out and defaults
+    change (gptq's act_order, then sym), so the label a record was written with may name other
+    values today. Rebuilt from the recorded values where the record has every parameter the
+    installed method has; else the recorded label."""
+    recorded = method.get("label", method["name"])
+    params, cls = method.get("params"), installed.get(method["name"])
+    defaults = getattr(cls, "params", None)
+    if not isinstance(params, dict) or not isinstance(defaults, dict) or set(defaults) - set(params):
+        return recorded
+    return label(method["name"], {k: v for k, v in params.items() if k in defaults}, defaults)
 
 
 def _seed_group(rec: dict) -> str:

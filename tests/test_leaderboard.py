@@ -124,3 +124,18 @@ def test_mean_of_independent_values_combines_their_stderr(tmp_path):
     recs[1]["cell"] += "-2"
     board = leaderboard(load_frame(write_run(tmp_path / "run", recs)))
     assert board["acc"][0] == pytest.approx(0.6) and board["acc ±"][0] == pytest.approx(0.03 / 2**0.5)
+
+
+def test_rows_are_labelled_by_todays_defaults_from_the_recorded_values(tmp_path):
+    from qbench import host
+
+    defaults = {k: p.default for k, p in host.methods()["gptq"].params.items()}
+    old_default = record("gptq", "perplexity", {"ppl": 30.0})  # written when sym=true was the default
+    old_default["method"]["params"] = {**defaults, "sym": not defaults["sym"]}
+    today = record("gptq:sym=false", "perplexity", {"ppl": 27.0})
+    today["method"]["params"] = dict(defaults)
+    unknown = record("gptq:bits=3", "perplexity", {"ppl": 90.0})
+    unknown["method"]["params"] = {"bits": 3}  # made before the other parameters existed: its own label
+    board = leaderboard(load_frame(write_run(tmp_path / "run", [old_default, today, unknown])))
+    flipped = f"gptq:sym={str(not defaults['sym']).lower()}"
+    assert list(board["method"]) == [flipped, "gptq", "gptq:bits=3"]
