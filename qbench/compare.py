@@ -1,8 +1,9 @@
 """``qbench compare RUN_A RUN_B``: what changed between two runs, for regression tracking — and
 ``qbench compare RUN --methods A,B``: one method against another within a run.
 
-Cells are matched by method label × model × suite label (the last record of each cell in each
-run; with ``--methods``, method A's cell against method B's of the same model and suite). For
+Cells are matched by method label (by today's defaults, as the leaderboard shows it) × model ×
+suite label (the last record of each cell in each run; with ``--methods``, method A's cell against
+method B's of the same model and suite). For
 matched cells: status changes, and every metric's value in A and B with the difference (B − A), the
 relative change, a 95% interval of the difference and a verdict — B *better*, *worse* or
 *indistinguishable* (the interval contains 0), by the metric's direction. The interval is a paired
@@ -37,9 +38,13 @@ Key = tuple[str, str, str]  # (model, method label, suite label)
 
 
 def _cells(run_dir: Path) -> dict[Key, dict[str, Any]]:
+    from qbench.leaderboard import current_label, installed_methods
+
     cells: dict[Key, dict[str, Any]] = {}
+    installed = installed_methods()
     for rec in load_latest(run_dir).values():
-        key = (rec["model"]["name"], rec["method"].get("label", rec["method"]["name"]),
+        # the label by today's defaults: a run made before a default changed pairs by what ran
+        key = (rec["model"]["name"], current_label(rec["method"], installed),
                rec["suite"].get("label", rec["suite"]["name"]))
         # Two records of the same labels (e.g. other --limit) — keep the later one.
         if key not in cells or str(rec.get("finished_at", "")) >= str(cells[key].get("finished_at", "")):

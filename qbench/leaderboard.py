@@ -57,7 +57,7 @@ def load_frame(run_dir: Path) -> pd.DataFrame:
     metric's spec and unit (in the order they first appear) for :func:`leaderboard`."""
     records = list(load_latest(run_dir).values())
     rows, specs, units = [], {}, {}
-    installed = _installed_methods()
+    installed = installed_methods()
     for rec in records:
         row = {
             "model": rec["model"]["name"],
@@ -100,7 +100,7 @@ def load_frame(run_dir: Path) -> pd.DataFrame:
     return frame
 
 
-def _installed_methods() -> dict:
+def installed_methods() -> dict:
     from qbench import host
 
     try:

@@ -111,3 +111,17 @@ def test_a_label_whose_defaults_changed_does_not_pick_the_older_cells(tmp_path):
     assert "20" in md and "36.8" not in md
     md = render_comparison(run, None, "md", methods=["int8-absmax", older.label])
     assert "36.8" in md and "| 20 |" not in md
+
+
+def test_runs_made_before_and_after_a_default_changed_do_not_pair_the_same_label(tmp_path):
+    from qbench import host
+
+    defaults = {k: p.default for k, p in host.methods()["gptq"].params.items()}
+    before = record("gptq", "perplexity", {"ppl": 30.0})
+    before["method"]["params"] = {**defaults, "sym": not defaults["sym"]}  # "gptq" when it was written
+    after = record("gptq", "perplexity", {"ppl": 27.0})
+    after["method"]["params"] = dict(defaults)
+    result = compare_runs(write_run(tmp_path / "a", [before]), write_run(tmp_path / "b", [after]))
+    assert result["matched"] == 0
+    assert [r["method"] for r in result["only_in_a"]] == [f"gptq:sym={str(not defaults['sym']).lower()}"]
+    assert [r["method"] for r in result["only_in_b"]] == ["gptq"]
