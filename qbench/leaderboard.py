@@ -383,13 +383,14 @@ def against_title(title: str, baseline: str | None) -> str:
     return title.replace("vs fp16", f"vs {baseline}") if "vs fp16" in title else f"{title} vs {baseline}"
 
 
-def _plus_minus(value: float, low: float, high: float) -> str:
-    """"+1.23 ± 0.45": the value and half the interval's width, to the interval's precision."""
-    half = (high - low) / 2
+def _plus_minus(value: float, low: float, high: float, signed: bool = True) -> str:
+    """"+1.23 ± 0.45": the value and half the interval's width, to the interval's precision (a
+    difference carries its sign; a recovery % or a ratio does not)."""
+    half, sign = (high - low) / 2, "+" if signed else ""
     if half <= 0:
-        return f"{value:+.6g} ± 0"
+        return f"{value:{sign}.6g} ± 0"
     decimals = max(0, 1 - math.floor(math.log10(half)))
-    return f"{value:+.{decimals}f} ± {half:.{decimals}f}"
+    return f"{value:{sign}.{decimals}f} ± {half:.{decimals}f}"
 
 
 def _objects(values: list, frame: pd.DataFrame) -> pd.Series:
@@ -419,13 +420,13 @@ def with_uncertainty_in_cells(board: pd.DataFrame) -> pd.DataFrame:
         shown[title] = _objects(cells, shown)
         drop.extend(cols.values())
     for title, cols in board.attrs.get("derived", {}).items():
-        cells = []
+        cells, signed = [], board.attrs.get("keys", {}).get(title, "").endswith(":diff")
         for i, value in enumerate(shown[title]):
             low, high = shown[cols[CI_LOW]].iloc[i], shown[cols[CI_HIGH]].iloc[i]
             if value is None or isinstance(value, str) or low is None:
                 cells.append(value)
                 continue
-            cells.append(_plus_minus(float(value), float(low), float(high))
+            cells.append(_plus_minus(float(value), float(low), float(high), signed)
                          + ("" if shown[cols[SIGNIFICANT]].iloc[i] else " (n.s.)"))
         shown[title] = _objects(cells, shown)
         drop.extend(cols.values())
