@@ -38,13 +38,12 @@ Key = tuple[str, str, str]  # (model, method label, suite label)
 
 
 def _cells(run_dir: Path) -> dict[Key, dict[str, Any]]:
-    from qbench.leaderboard import current_label, installed_methods
+    from qbench import host
 
     cells: dict[Key, dict[str, Any]] = {}
-    installed = installed_methods()
     for rec in load_latest(run_dir).values():
         # the label by today's defaults: a run made before a default changed pairs by what ran
-        key = (rec["model"]["name"], current_label(rec["method"], installed),
+        key = (rec["model"]["name"], host.current_label(rec["method"]),
                rec["suite"].get("label", rec["suite"]["name"]))
         # Two records of the same labels (e.g. other --limit) — keep the later one.
         if key not in cells or str(rec.get("finished_at", "")) >= str(cells[key].get("finished_at", "")):

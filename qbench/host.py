@@ -21,7 +21,7 @@ from importlib.metadata import entry_points
 import pluggy
 
 from qbench import hookspecs
-from qbench.params import QBenchError
+from qbench.params import QBenchError, label
 
 ENTRY_POINT_GROUP = "qbench"
 
@@ -250,6 +250,18 @@ def check_refused(kind: str, name: str) -> None:
     {"methods": methods, "suites": suites, "executors": executors}[kind]()
     if name in _refused.get(hook, {}):
         raise QBenchError(_refused[hook][name])
+
+
+def current_label(method: dict) -> str:
+    """A recorded method's label by today's defaults. A label leaves default values out and defaults
+    change (gptq's act_order, then sym), so the label a record was written with may name other
+    values today. Rebuilt from the recorded values where the record has every parameter the
+    installed method has; else the recorded label."""
+    recorded = method.get("label", method["name"])
+    params, defaults = method.get("params"), getattr(methods().get(method["name"]), "params", None)
+    if not isinstance(params, dict) or not isinstance(defaults, dict) or set(defaults) - set(params):
+        return recorded
+    return label(method["name"], {k: v for k, v in params.items() if k in defaults}, defaults)
 
 
 def make_method(name: str, params: dict):

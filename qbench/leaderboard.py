@@ -14,6 +14,7 @@ from typing import Any
 
 import pandas as pd
 
+from qbench import host
 from qbench.paired import (
     BOOTSTRAP_SEED,
     RESAMPLES,
@@ -23,7 +24,7 @@ from qbench.paired import (
     normal_interval,
     paired_bootstrap,
 )
-from qbench.params import QBenchError, label
+from qbench.params import QBenchError
 from qbench.records import load_latest
 from qbench.suite import MetricSpec
 
@@ -46,8 +47,6 @@ def _spec_of(rec: dict, name: str, metric: Any) -> MetricSpec | None:
     the installed suite's declaration."""
     if isinstance(metric, dict) and metric.get("title"):
         return MetricSpec.from_json(metric)
-    from qbench import host
-
     suite = host.suites().get(rec["suite"]["name"])
     return suite.metric_spec(name) if suite is not None else None
 
@@ -57,12 +56,11 @@ def load_frame(run_dir: Path) -> pd.DataFrame:
     metric's spec and unit (in the order they first appear) for :func:`leaderboard`."""
     records = list(load_latest(run_dir).values())
     rows, specs, units = [], {}, {}
-    installed = installed_methods()
     for rec in records:
         row = {
             "model": rec["model"]["name"],
             "model_kind": rec["model"].get("kind"),
-            "method": current_label(rec["method"], installed),
+            "method": host.current_label(rec["method"]),
             "method_name": rec["method"]["name"],
             "suite": rec["suite"]["name"],
             "suite_label": rec["suite"].get("label", rec["suite"]["name"]),
@@ -98,28 +96,6 @@ def load_frame(run_dir: Path) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     frame.attrs["metric_specs"], frame.attrs["metric_units"] = specs, units
     return frame
-
-
-def installed_methods() -> dict:
-    from qbench import host
-
-    try:
-        return host.methods()
-    except QBenchError:
-        return {}
-
-
-def current_label(method: dict, installed: dict) -> str:
-    """The method's label by today's defaults. A label leaves default values out and defaults
-    change (gptq's act_order, then sym), so the label a record was written with may name other
-    values today. Rebuilt from the recorded values where the record has every parameter the
-    installed method has; else the recorded label."""
-    recorded = method.get("label", method["name"])
-    params, cls = method.get("params"), installed.get(method["name"])
-    defaults = getattr(cls, "params", None)
-    if not isinstance(params, dict) or not isinstance(defaults, dict) or set(defaults) - set(params):
-        return recorded
-    return label(method["name"], {k: v for k, v in params.items() if k in defaults}, defaults)
 
 
 def _seed_group(rec: dict) -> str:
