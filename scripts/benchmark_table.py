@@ -6,6 +6,10 @@ parameters, the median time pytest-benchmark measured and every number the case 
 effective GB/s there). The header says which machine and versions produced the file.
 
     python scripts/benchmark_table.py benchmarks.json > benchmarks.md
+
+A ``.jsonl`` file (one case per line, as tests/benchmarks/conftest.py streams them to
+``$QBENCH_BENCH_JSONL``) gives the same tables without pytest-benchmark's median column: what a
+module stopped by a time limit left.
 """
 from __future__ import annotations
 
@@ -41,7 +45,7 @@ def tables(data: dict) -> str:
                   "|" + "---|" * len(params) + "---:|" * (1 + len(extras))]
         for b in benches:
             cells = [_fmt((b.get("params") or {}).get(p, "")) for p in params]
-            cells.append(_fmt(b["stats"]["median"] * 1e3))
+            cells.append(_fmt(b["stats"]["median"] * 1e3) if b.get("stats") else "")
             cells += [_fmt(b.get("extra_info", {}).get(k, "")) for k in extras]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
@@ -54,7 +58,11 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         with open(argv[0]) as f:
-            data = json.load(f)
+            if argv[0].endswith(".jsonl"):
+                data = {"benchmarks": [json.loads(line) for line in f if line.strip()],
+                        "machine_info": {"node": "streamed cases (no pytest-benchmark session data)"}}
+            else:
+                data = json.load(f)
     except (OSError, json.JSONDecodeError) as exc:
         print(f"error: cannot read {argv[0]} as pytest-benchmark JSON ({exc})", file=sys.stderr)
         return 2

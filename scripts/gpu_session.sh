@@ -34,7 +34,8 @@
 # --dry-run: the e2e steps on CPU with the tiny config scripts/gpu_models/tiny-llama-shapes
 # (checks the commands here; CUDA graphs are skipped on CPU with their reason).
 # QBENCH_E2E_METHODS replaces the e2e step's methods (the test runs nf4 alone);
-# QBENCH_E2E_GRAPH_MODE=torch-compile compiles the decode step instead of capturing a CUDA graph.
+# QBENCH_E2E_GRAPH_MODE=torch-compile compiles the decode step instead of capturing a CUDA graph;
+# QBENCH_E2E_MEMORY=0 leaves the memory suite out of the eager run (four fewer processes).
 set -u
 dry_run=0
 if [ "${1:-}" = "--dry-run" ]; then
@@ -102,6 +103,7 @@ e2e() {  # e2e NAME METHODS [qbench run options...]: memory + eager latency, the
     : >"$out/$name.md"
     for mode in eager graphs; do
         local suites="memory,$latency,compile=none"
+        [ "${QBENCH_E2E_MEMORY:-1}" = 0 ] && suites="$latency,compile=none"  # a short lease: latency alone
         [ $mode = graphs ] && suites="$latency,compile=${QBENCH_E2E_GRAPH_MODE:-cuda-graphs}"
         local cmd=(python3 -m qbench.cli run --device "$e2e_device" --models "$e2e_model" --methods "$methods"
                    --suites "$suites" --out "$runs/$mode" "$@")
@@ -161,10 +163,15 @@ EOF
         head -5 "$out/compile.md"
         ;;
     nf4 | int8_affine | gptq | lora_nf4)
-        cap=${QBENCH_BENCH_MAX_S:-240} limited python3 -m pytest -q -p no:cacheprovider "tests/benchmarks/bench_$step.py" --benchmark-only \
+        # every finished case also goes to bench-STEP.jsonl at once: the JSON comes only at the end
+        : >"$out/bench-$step.jsonl"
+        QBENCH_BENCH_JSONL="$out/bench-$step.jsonl" cap=${QBENCH_BENCH_MAX_S:-240} limited python3 -m pytest -q \
+            -p no:cacheprovider "tests/benchmarks/bench_$step.py" --benchmark-only \
             --benchmark-json "$out/bench-$step.json" >"$log" 2>&1 || failed "bench-$step"
         tail -3 "$log"
-        [ -s "$out/bench-$step.json" ] && { python3 scripts/benchmark_table.py "$out/bench-$step.json" \
+        table_from=$out/bench-$step.json
+        [ -s "$table_from" ] || table_from=$out/bench-$step.jsonl
+        [ -s "$table_from" ] && { python3 scripts/benchmark_table.py "$table_from" \
             >"$out/bench-$step.md" || { status=1; outcome=failed; }; }
         ;;
     e2e)

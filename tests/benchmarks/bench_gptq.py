@@ -13,7 +13,7 @@ from tests.benchmarks.cuda_timer import cuda_seconds
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (in_features, out_features), Llama-7B-like
+SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192)]  # (in_features, out_features): issue 13's shapes
 
 
 def _cuda_ms(fn, iters=50, warmup=10) -> float:

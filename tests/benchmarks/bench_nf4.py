@@ -14,7 +14,7 @@ from tests.benchmarks.cuda_timer import cuda_seconds
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (out_features, in_features), Llama-7B-like
+SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192)]  # (out_features, in_features): issue 13's shapes
 BATCHES = [1, 16, 128]
 
 
