@@ -277,7 +277,7 @@ if HAS_TRITON:
         x0 = tl.load(w_ptr + even, mask=even < n, other=0.0).to(tl.float32)
         x1 = tl.load(w_ptr + odd, mask=odd < n, other=0.0).to(tl.float32)
         absmax = tl.maximum(tl.max(tl.abs(x0), axis=0), tl.max(tl.abs(x1), axis=0))
-        safe = tl.maximum(absmax, 1e-38)
+        safe = tl.maximum(absmax, tl.full([], 1e-38, tl.float32))  # a bare 1e-38 is below fp32 normals: fp64
         if start + BLOCKSIZE <= n:
             inv = tl.math.div_rn(tl.full([BLOCKSIZE // 2], 1.0, tl.float32), safe)
             s0 = x0 * inv

@@ -1,6 +1,7 @@
 import os
 
-# Before anything imports triton: run @triton.jit kernels on CPU tensors.
+# Before anything imports triton: run @triton.jit kernels on CPU tensors. A GPU session sets
+# TRITON_INTERPRET=0 (scripts/gpu_session.sh) so that the gpu-marked tests compile for the device.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
