@@ -24,6 +24,29 @@ except Exception:  # pragma: no cover - depends on the machine
 # The interpreter cannot do bf16 math; on GPU we keep native bf16 loads and fp32 accumulation anyway.
 UPCAST_BF16 = INTERPRET
 
+if HAS_TRITON:
+
+    @triton.jit
+    def dot_dequantized(a, w, acc, UPCAST: tl.constexpr):
+        """``acc + a @ w`` in fp32 for a tile ``w`` of fp32 dequantized weights, as the references compute it.
+
+        fp32 activations (and everything under the interpreter, ``UPCAST``): IEEE fp32 dots (tl.dot's
+        default is TF32, which torch's fp32 matmul is not). fp16: one tensor-core dot with ``w`` in
+        fp16 (11 significant bits, below the output's own fp16 rounding). bf16: ``w`` split into its
+        bf16 value and the bf16 remainder, two tensor-core dots carrying 16 significant bits; one bf16
+        dot (8 bits) moved GPTQ outputs by up to 0.25 at |y| ~ 50 on the first H200 lease, and made the
+        GEMM path (several rows) disagree with the GEMV path (one row, fp32) on the same token.
+        """
+        if UPCAST or a.dtype == tl.float32:
+            out = tl.dot(a.to(tl.float32), w, acc, input_precision="ieee")
+        elif a.dtype == tl.bfloat16:
+            high = w.to(tl.bfloat16)
+            out = tl.dot(a, high, acc)
+            out = tl.dot(a, (w - high.to(tl.float32)).to(tl.bfloat16), out)
+        else:
+            out = tl.dot(a, w.to(a.dtype), acc)
+        return out
+
 
 def triton_can_run(t: torch.Tensor) -> bool:
     """True where a Triton launcher can run on ``t``: a CUDA tensor, or any CPU tensor under the interpreter."""

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qbench.kernels._triton import INTERPRET, UPCAST_BF16, cdiv, triton_can_run
+from qbench.kernels._triton import INTERPRET, UPCAST_BF16, cdiv, dot_dequantized, triton_can_run
 from qbench.kernels.affine import packed_row_bytes, unpack_codes
 from qbench.params import QBenchError
 
@@ -121,10 +121,7 @@ def _dequant_gemm_kernel(
         w = _decode_tile(w_ptr, s_ptr, z_ptr, offs_n[None, :], offs_k[:, None], mask_k[:, None] & mask_n[None, :],
                          K, w_row_bytes, z_row_bytes, group_size, stride_sn, stride_sg,
                          INT8, BITS, ZERO_MODE, SCALE_IN_EPILOGUE)  # [BLOCK_K, BLOCK_N]
-        if a.dtype == tl.float32 or (UPCAST and a.dtype == tl.bfloat16):
-            acc += tl.dot(a.to(tl.float32), w, input_precision="ieee")
-        else:
-            acc += tl.dot(a, w.to(a.dtype))
+        acc = dot_dequantized(a, w, acc, UPCAST)
     acc = _epilogue(acc, s_ptr, b_ptr, offs_n, mask_n, stride_sn, SCALE_IN_EPILOGUE, HAS_BIAS)
     y = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])

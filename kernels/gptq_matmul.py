@@ -19,6 +19,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from qbench.kernels._triton import dot_dequantized
+
     @triton.jit
     def _code_at(ptr, bit, stride_word, other_offset, mask, BITS: tl.constexpr):
         """Codes of ``BITS`` bits at stream positions ``bit`` (words along ``stride_word``)."""
@@ -73,7 +75,7 @@ if HAS_TRITON:
                           M, N, K, stride_xm, stride_xk, stride_qk, stride_qn, stride_zg, stride_zn,
                           stride_sg, stride_sn, stride_om, stride_on,
                           BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          UPCAST: tl.constexpr, IEEE_FP32: tl.constexpr,
+                          UPCAST: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -87,14 +89,7 @@ if HAS_TRITON:
                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             w = _dequant_tile(qw_ptr, qz_ptr, sc_ptr, gidx_ptr, offs_k, offs_n, mask_k, mask_n,
                               stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, BITS, ZERO_OFFSET)
-            if UPCAST:
-                x = x.to(tl.float32)
-            else:
-                w = w.to(x.dtype)  # fp16/bf16 tensor-core dot with fp32 accumulation
-            if IEEE_FP32:
-                acc = tl.dot(x, w, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(x, w, acc)
+            acc = dot_dequantized(x, w, acc, UPCAST)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
@@ -190,5 +185,5 @@ def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
 
         kernel[grid](x2, qweight, qzeros, scales, g_idx, bias_arg, out, m_bucket,
                      rows, out_features, in_features, x2.stride(0), x2.stride(1), *common, **flags,
-                     UPCAST=UPCAST_BF16, IEEE_FP32=x.dtype == torch.float32, **blocks)
+                     UPCAST=UPCAST_BF16, **blocks)
     return out.reshape(*x.shape[:-1], out_features)

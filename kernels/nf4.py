@@ -90,6 +90,20 @@ _TABLES = {qt: _bucket_tables(qt) for qt in QUANT_TYPES}
 codebook_bytes = NF4_CODE.numel() * 4 + DYNAMIC_MAP.numel() * 4
 
 
+_DEVICE_CONSTANTS: dict[tuple[str, str], torch.Tensor] = {}
+
+
+def _on_device(name: str, table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A shared code table on ``device``, copied there once: a host-to-device copy in every forward
+    costs a synchronising copy per layer and makes the decode step impossible to capture in a CUDA graph."""
+    if device.type == "cpu":
+        return table
+    key = (name, str(device))
+    if key not in _DEVICE_CONSTANTS:
+        _DEVICE_CONSTANTS[key] = table.to(device)
+    return _DEVICE_CONSTANTS[key]
+
+
 @dataclass
 class NF4Tensor:
     """A 4-bit blockwise-quantized tensor and its quantization state (bitsandbytes' QuantState).
@@ -125,11 +139,11 @@ class NF4Tensor:
 
     @property
     def code(self) -> torch.Tensor:
-        return code_book(self.quant_type).to(self.device)
+        return _on_device(f"code:{self.quant_type}", code_book(self.quant_type), self.device)
 
     @property
     def nested_code(self) -> torch.Tensor:
-        return DYNAMIC_MAP.to(self.device)
+        return _on_device("dynamic_map", DYNAMIC_MAP, self.device)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor kept per quantized weight (code books are shared constants, not here)."""

@@ -37,6 +37,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from qbench.kernels._triton import dot_dequantized
+
 # Batches up to this many rows take the GEMV kernel (one pass over the weight per row).
 GEMV_MAX_ROWS = 4
 
@@ -83,16 +85,6 @@ if HAS_TRITON:
         return _block_scale(absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr, block,
                             mask_j[:, None] & (piece_start < row_bytes)[None, :], DOUBLE_QUANT)
 
-    @triton.jit
-    def _dot(a, w, UPCAST_BF16: tl.constexpr):
-        """``a @ w`` (w: fp32 dequantized weights) accumulated in fp32: 16-bit inputs on tensor cores in
-        their dtype; fp32 inputs as IEEE fp32 (tl.dot's default would be TF32, which torch's fp32
-        matmul is not), as is everything under the interpreter (no bf16 there)."""
-        if UPCAST_BF16 or a.dtype == tl.float32:
-            out = tl.dot(a.to(tl.float32), w, input_precision="ieee")
-        else:
-            out = tl.dot(a, w.to(a.dtype))
-        return out
 
     @triton.jit
     def _dequant_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr, code_ptr,
@@ -215,8 +207,8 @@ if HAS_TRITON:
             mask_x = mask_m[:, None] & mask_b[None, :]
             x_even = tl.load(x_rows + 2 * offs_b[None, :], mask=mask_x, other=0.0)
             x_odd = tl.load(x_rows + 2 * offs_b[None, :] + 1, mask=mask_x, other=0.0)
-            acc += _dot(x_even, tl.trans(w_even), UPCAST_BF16)
-            acc += _dot(x_odd, tl.trans(w_odd), UPCAST_BF16)
+            acc = dot_dequantized(x_even, tl.trans(w_even), acc, UPCAST_BF16)
+            acc = dot_dequantized(x_odd, tl.trans(w_odd), acc, UPCAST_BF16)
         tl.store(out_ptr + offs_m[:, None] * stride_om + offs_j[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=mask_m[:, None] & mask_j[None, :])
 
@@ -246,8 +238,8 @@ if HAS_TRITON:
                                        True)  # [BLOCK_N, STEP]: input features 2b and 2b + 1
             g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :],
                         mask=mask_m[:, None] & mask_n[None, :], other=0.0)
-            acc_even += _dot(g, w_even, UPCAST_BF16)
-            acc_odd += _dot(g, w_odd, UPCAST_BF16)
+            acc_even = dot_dequantized(g, w_even, acc_even, UPCAST_BF16)
+            acc_odd = dot_dequantized(g, w_odd, acc_odd, UPCAST_BF16)
         out = tl.reshape(tl.join(acc_even, acc_odd), [BLOCK_M, 2 * STEP])  # columns 2b, 2b + 1, ...
         offs_k = 2 * b0 + tl.arange(0, 2 * STEP)
         tl.store(out_ptr + offs_m[:, None] * stride_om + offs_k[None, :], out.to(out_ptr.dtype.element_ty),
@@ -272,7 +264,7 @@ if HAS_TRITON:
             flat = offs_r.to(tl.int64)[:, None] * stride_r + offs_j.to(tl.int64)[None, :] * stride_j
             w = _dequant_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr, code_ptr,
                               flat, mask_r[:, None] & mask_j[None, :], BLOCKSIZE, DOUBLE_QUANT)
-            acc += _dot(a, w, UPCAST_BF16)
+            acc = dot_dequantized(a, w, acc, UPCAST_BF16)
         tl.store(out_ptr + offs_m[:, None] * stride_om + offs_j[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=mask_m[:, None] & mask_j[None, :])
 

@@ -119,3 +119,13 @@ def test_non_finite_weight_is_a_user_error(bad):
 def test_bad_settings(kwargs):
     with pytest.raises(QBenchError, match="valid values"):
         quantize_nf4(torch.randn(4, 64), **kwargs)
+
+
+def test_code_tables_reach_a_device_once():
+    """A host-to-device copy of the code tables in every forward made the NF4 decode step impossible
+    to capture in a CUDA graph (first H200 lease); each table is copied to a device once."""
+    q = nf4.quantize_nf4_reference(torch.randn(64, 128)).to("meta")
+    assert q.code.device.type == "meta" and q.nested_code.device.type == "meta"
+    assert q.code is q.code and q.nested_code is q.nested_code
+    cpu = nf4.quantize_nf4_reference(torch.randn(64, 128))
+    assert cpu.code is nf4.code_book("nf4")  # no copy at all on the CPU

@@ -102,12 +102,29 @@ def test_shape_mismatch():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("rows", [1, 16, 128])
-def test_cuda_matches_reference(rows):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_matches_reference(rows, dtype):
     q, gen = _case(4096, 4096, 64, True, "nf4")
     q = q.to("cuda")
-    x = torch.randn(rows, 4096, generator=gen).to("cuda", torch.float16)
-    _close(nf4_matmul(x, q), nf4_matmul_reference(x.float(), q), torch.float16)
-    _close(nf4_matmul_grad_input(x[:, :4096], q), nf4_matmul_grad_input_reference(x.float(), q), torch.float16)
+    x = torch.randn(rows, 4096, generator=gen).to("cuda", dtype)
+    _close(nf4_matmul(x, q), nf4_matmul_reference(x.float(), q), dtype)
+    _close(nf4_matmul_grad_input(x[:, :4096], q), nf4_matmul_grad_input_reference(x.float(), q), dtype)
+
+
+@pytest.mark.gpu
+def test_nf4_linear_replays_from_a_cuda_graph():
+    """The decode step of an NF4 model is captured once and replayed (latency's compile=cuda-graphs)."""
+    from qbench.quant.nf4 import NF4Linear
+
+    layer = NF4Linear.from_linear(torch.nn.Linear(512, 256).to("cuda", torch.float16))
+    x = torch.randn(1, 512, device="cuda", dtype=torch.float16)
+    eager = layer(x)  # compiles and autotunes outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = layer(x)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(captured, eager)
 
 
 @pytest.mark.gpu
