@@ -28,10 +28,12 @@ QLoRA trains adapters through it.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from qbench.kernels._triton import HAS_TRITON, INTERPRET, UPCAST_BF16, cdiv, triton_can_run
-from qbench.kernels.nf4 import NF4Tensor, dequantize_nf4_reference
+from qbench.kernels.nf4 import NF4Tensor, dequantize_nf4, dequantize_nf4_reference
 
 if HAS_TRITON:
     import triton
@@ -348,6 +350,25 @@ def _launch(x2d: torch.Tensor, q: NF4Tensor, R: int, J: int, stride_r: int, stri
     return out.to(x2d.dtype)
 
 
+DEQUANT_MATMUL_PATH = "triton-dequant+torch-matmul"
+
+
+def dequantize_then_matmul(x: torch.Tensor) -> bool:
+    """Whether several rows of fp16 activations on CUDA take the whole-weight path: our dequantize
+    kernel writes the fp16 weight, torch's FP16 matmul (cuBLAS) multiplies, as bitsandbytes does above
+    batch 1. On the first H200 lease (results/gpu-h200/bench-nf4.md) the dequantize kernel took
+    0.06-0.12 ms and FP16 matmul 0.02-0.05 ms at issue 13's shapes, the fused GEMM 0.48-1.95 ms at
+    16-128 rows. bf16 and fp32 keep the fused kernels (a bf16 weight keeps 8 bits: see
+    dot_dequantized). ``QBENCH_CUDA_GEMM=fused`` keeps them for fp16 too (to measure both)."""
+    return (x.is_cuda and x.dtype == torch.float16 and x.shape[:-1].numel() > GEMV_MAX_ROWS
+            and os.environ.get("QBENCH_CUDA_GEMM", "dequant") != "fused")
+
+
+def cuda_kernel_path(x: torch.Tensor) -> str:
+    """The path name a module records for activations ``x`` on CUDA."""
+    return DEQUANT_MATMUL_PATH if dequantize_then_matmul(x) else "triton"
+
+
 def _check(x: torch.Tensor, q: NF4Tensor, dim: int, what: str) -> None:
     if len(q.shape) != 2:
         raise ValueError(f"nf4 matmul needs a 2-D quantized weight, got shape {q.shape}")
@@ -364,6 +385,8 @@ def nf4_matmul(x: torch.Tensor, q: NF4Tensor, use_triton: bool | None = None) ->
     if not (use_triton and HAS_TRITON):
         return nf4_matmul_reference(x, q)
     out_features, in_features = q.shape
+    if dequantize_then_matmul(x):
+        return x @ dequantize_nf4(q, torch.float16).t()
     y = _launch(x.reshape(-1, in_features), q, R=in_features, J=out_features, stride_r=1, stride_j=in_features)
     return y.reshape(*x.shape[:-1], out_features)
 
@@ -376,6 +399,8 @@ def nf4_matmul_grad_input(grad_out: torch.Tensor, q: NF4Tensor, use_triton: bool
     if not (use_triton and HAS_TRITON):
         return nf4_matmul_grad_input_reference(grad_out, q)
     out_features, in_features = q.shape
+    if dequantize_then_matmul(grad_out):
+        return grad_out @ dequantize_nf4(q, torch.float16)
     g = _launch(grad_out.reshape(-1, out_features), q, R=out_features, J=in_features,
                 stride_r=in_features, stride_j=1)
     return g.reshape(*grad_out.shape[:-1], in_features)

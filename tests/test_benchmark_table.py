@@ -1,4 +1,5 @@
 """scripts/benchmark_table.py on a JSON file that pytest-benchmark really wrote (a CPU benchmark)."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -40,3 +41,22 @@ def test_unreadable_file_is_one_line_and_exit_2(tmp_path):
                          capture_output=True, text=True)
     assert run.returncode == 2
     assert run.stderr.count("\n") == 1 and "pytest-benchmark JSON" in run.stderr
+
+
+def test_cases_stream_to_jsonl_as_they_finish_and_make_the_same_table(tmp_path):
+    """tests/benchmarks/conftest.py appends each finished case to $QBENCH_BENCH_JSONL (a GPU lease
+    can stop a module before pytest-benchmark writes its JSON); the table reads that file too."""
+    bench_dir = tmp_path / "benchmarks"
+    bench_dir.mkdir()
+    (bench_dir / "conftest.py").write_text((REPO / "tests" / "benchmarks" / "conftest.py").read_text())
+    (bench_dir / "bench_fake.py").write_text(BENCH)
+    streamed = tmp_path / "cases.jsonl"
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          str(bench_dir / "bench_fake.py"), "--benchmark-only"], capture_output=True, text=True,
+                         cwd=tmp_path, env={**os.environ, "QBENCH_BENCH_JSONL": str(streamed)})
+    assert run.returncode == 0, run.stdout[-2000:]
+    assert len(streamed.read_text().splitlines()) == 2
+    table = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark_table.py"), str(streamed)],
+                           capture_output=True, text=True, check=True).stdout
+    rows = [ln for ln in table.splitlines() if ln.startswith("| 1 ") or ln.startswith("| 16 ")]
+    assert rows == ["| 1 |  | 0.5 | 3 |", "| 16 |  | 8 | 18 |"]

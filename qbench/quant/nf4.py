@@ -26,7 +26,7 @@ from qbench.kernels import cpu_nf4
 from qbench.kernels._cpu import use_cpu_kernel
 from qbench.kernels._triton import use_triton_in_module
 from qbench.kernels.nf4 import NF4Tensor, dequantize_nf4, dequantize_nf4_reference, quantize_nf4, quantize_nf4_reference
-from qbench.kernels.nf4_matmul import nf4_linear
+from qbench.kernels.nf4_matmul import cuda_kernel_path, nf4_linear
 from qbench.method import QuantizedLinear
 from qbench.params import QBenchError
 
@@ -91,7 +91,7 @@ class NF4Linear(QuantizedLinear):
         if self.cpu_kernel and use_cpu_kernel(xc, fp32=True) and cpu_nf4.supports(self.q):
             self.kernel_path = cpu_nf4.kernel_path(xc.shape[:-1].numel())
             return cpu_nf4.nf4_linear_cpu(xc, self.q, bias).to(x.dtype)
-        self.kernel_path = "triton" if use_triton_in_module(xc) else "reference"
+        self.kernel_path = cuda_kernel_path(xc) if use_triton_in_module(xc) else "reference"
         return nf4_linear(xc, self.q, bias, use_triton=self.kernel_path == "triton").to(x.dtype)
 
     def stored_tensors(self) -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from qbench.kernels.nf4 import dequantize_nf4, quantize_nf4
-from qbench.kernels.nf4_matmul import nf4_matmul, nf4_matmul_grad_input
+from qbench.kernels.nf4_matmul import GEMV_MAX_ROWS, nf4_matmul, nf4_matmul_grad_input
 from tests.benchmarks.cuda_timer import cuda_seconds
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -40,9 +40,15 @@ def _record(benchmark, fn, fp16_fn, moved_bytes):
     benchmark.pedantic(lambda: (fn(), torch.cuda.synchronize()), rounds=20, warmup_rounds=3)
 
 
+@pytest.mark.parametrize("gemm", ["default", "fused"])
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_forward(benchmark, layers, shape, batch):
+def test_forward(benchmark, layers, shape, batch, gemm, monkeypatch):
+    """``default``: what nf4_matmul does (above GEMV_MAX_ROWS in fp16, dequantize + torch matmul);
+    ``fused``: the fused GEMM kernel (QBENCH_CUDA_GEMM=fused), for the rows where they differ."""
+    if gemm == "fused" and batch <= GEMV_MAX_ROWS:
+        pytest.skip("one path below GEMV_MAX_ROWS")
+    monkeypatch.setenv("QBENCH_CUDA_GEMM", "fused" if gemm == "fused" else "dequant")
     w, q = layers[shape]
     x = torch.randn(batch, shape[1], device="cuda", dtype=torch.float16)
     moved = q.storage_bytes() + x.numel() * 2 + batch * shape[0] * 2

@@ -5,7 +5,9 @@ import torch
 
 from qbench.kernels.nf4 import dequantize_nf4_reference, quantize_nf4_reference
 from qbench.kernels.nf4_matmul import (
+    DEQUANT_MATMUL_PATH,
     GEMV_MAX_ROWS,
+    cuda_kernel_path,
     nf4_linear,
     nf4_matmul,
     nf4_matmul_grad_input,
@@ -138,3 +140,18 @@ def test_cuda_fp32_inputs_are_not_rounded_to_tf32(rows):
     _close(nf4_matmul(x, q), nf4_matmul_reference(x, q), torch.float32)
     g = torch.randn(rows, 1024, generator=gen).to("cuda")
     _close(nf4_matmul_grad_input(g, q), nf4_matmul_grad_input_reference(g, q), torch.float32)
+
+
+@pytest.mark.gpu
+def test_cuda_fp16_batches_dequantize_then_matmul(monkeypatch):
+    """Above GEMV_MAX_ROWS, fp16 on CUDA dequantizes the weight and lets torch multiply; the fused
+    GEMM (QBENCH_CUDA_GEMM=fused) gives the same numbers."""
+    q, gen = _case(1024, 2048, 64, True, "nf4")
+    q = q.to("cuda")
+    x = torch.randn(16, 2048, generator=gen).to("cuda", torch.float16)
+    assert cuda_kernel_path(x) == DEQUANT_MATMUL_PATH
+    assert cuda_kernel_path(x[:1]) == "triton" and cuda_kernel_path(x.bfloat16()) == "triton"
+    whole_weight = nf4_matmul(x, q)
+    monkeypatch.setenv("QBENCH_CUDA_GEMM", "fused")
+    assert cuda_kernel_path(x) == "triton"
+    _close(whole_weight, nf4_matmul(x, q), torch.float16)
