@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -47,6 +48,8 @@ class Variant:
     spill_bytes: int | None = None
     shared_bytes: int | None = None
     error: str | None = None
+    narrow_loads: int | None = None  # ld.global of 1 or 2 bytes in the PTX (static count)
+    vector_loads: int | None = None  # ld.global.v2/.v4 (8 or 16 bytes a thread)
 
     @property
     def ok(self) -> bool:
@@ -58,6 +61,17 @@ class Variant:
     def fits(self) -> bool:
         """Its shared memory fits one block (Triton's autotuner skips a config that does not)."""
         return self.ok and self.shared_bytes <= MAX_SHARED_BYTES
+
+
+def global_load_widths(ptx: str) -> tuple[int, int]:
+    """(narrow, vector) global loads in a kernel's PTX: ``ld.global`` of one or two bytes a thread, and of
+    8 or 16 bytes (``.v2``/``.v4``). Static counts, not executions: a memory-bound GEMV whose weight
+    loads are narrow issues many small requests where one 16-byte load would do (the first H200 lease
+    measured the affine GEMV, byte loads, at 0.2 TB/s, the int8 one, 16-byte loads, at up to 2.2)."""
+    loads = re.findall(r"\bld\.global(?:\.[a-z0-9]+)*", ptx)
+    narrow = sum(1 for ld in loads if ".v" not in ld and re.search(r"\.[bsu](8|16)\b", ld))
+    vector = sum(1 for ld in loads if ".v2" in ld or ".v4" in ld)
+    return narrow, vector
 
 
 def unrunnable_cases(variants: list[Variant]) -> list[tuple[str, str]]:
@@ -135,6 +149,7 @@ def _compile_only(rec: _Recorder):
             kernel = original_run(self, *args, grid=grid, warmup=True, **kwargs)
             variant.registers, variant.spill_bytes = _resource_usage(kernel.asm["cubin"], cuobjdump)
             variant.shared_bytes = int(kernel.metadata.shared)
+            variant.narrow_loads, variant.vector_loads = global_load_widths(kernel.asm["ptx"])
         except Exception as exc:  # noqa: BLE001 - every failure is a finding, reported per variant
             variant.error = _innermost_message(exc)
         rec.variants.append(variant)
@@ -301,17 +316,21 @@ def markdown(variants: list[Variant], arch: int, command: str | None = None) -> 
     lines = ["".join(produced), "",
              f"Triton {triton.__version__}, target cuda:{arch}; limits: {MAX_REGISTERS} registers/thread, "
              f"{MAX_SHARED_BYTES // 1024} KiB shared memory/block.", "",
+             "Global loads are counted in each variant's PTX (static, most over the variants): narrow = 1 or 2 "
+             "bytes a thread, vector = 8 or 16 bytes a thread.", "",
              "| kernel | variants | failed | max registers | spilled variants | max shared KiB "
-             "| over the shared limit |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| over the shared limit | narrow global loads | vector global loads |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for kernel, vs in sorted(by_kernel.items()):
         good = [v for v in vs if v.error is None]
         regs = max((v.registers for v in good), default=0)
         shared = max((v.shared_bytes for v in good), default=0)
         spilled = sum(1 for v in good if v.spill_bytes)
         over = sum(1 for v in good if v.shared_bytes > MAX_SHARED_BYTES)
+        narrow = max((v.narrow_loads or 0 for v in good), default=0)
+        vector = max((v.vector_loads or 0 for v in good), default=0)
         lines.append(f"| {kernel} | {len(vs)} | {len(vs) - len(good)} | {regs} | {spilled} | {shared / 1024:.1f} "
-                     f"| {over} |")
+                     f"| {over} | {narrow} | {vector} |")
     problems = [v for v in variants if not v.ok]
     if problems:
         lines += ["", "Problems (compile errors, spills):", ""]

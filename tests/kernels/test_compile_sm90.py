@@ -129,3 +129,19 @@ def test_a_kernel_the_compiler_rejects_is_reported(tmp_path):
     assert (bad_case, good_case) == ("uint8", "fp32")
     assert bad_error is not None and "Return type mismatch" in bad_error
     assert good_error is None and good_registers > 0
+
+
+def test_global_loads_are_counted_by_width():
+    """The report counts 1-2 byte and 8-16 byte global loads in the PTX: weight loads a byte at a time
+    are what made the affine GEMV ten times slower than the int8 one on the first H200 lease."""
+    from qbench.kernels.compile_check import global_load_widths
+
+    ptx = """
+        ld.global.b8 %rs1, [%rd1];
+        ld.global.nc.u16 %rs2, [%rd2];
+        ld.global.b32 %r1, [%rd3];
+        ld.global.v4.b32 {%r2, %r3, %r4, %r5}, [%rd4];
+        ld.global.nc.v2.b32 {%r6, %r7}, [%rd5];
+        st.global.b8 [%rd6], %rs1;
+    """
+    assert global_load_widths(ptx) == (2, 2)
