@@ -49,7 +49,8 @@ def test_int8_weights(dtype, path, m, granularity):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("path,m", [("gemv", 1), ("gemm", 5)])
 @pytest.mark.parametrize("bits,group_size,sym", [(4, 32, False), (3, 16, False), (8, -1, False), (2, 64, True),
-                                                 (4, 128, True)])
+                                                 (4, 128, True), (4, 16, False), (4, -1, False), (4, 24, False),
+                                                 (8, 32, True)])
 def test_packed_affine_weights(dtype, path, m, bits, group_size, sym):
     torch.manual_seed(bits)
     w = torch.randn(N, K) * 0.1
@@ -95,3 +96,19 @@ def test_cuda_kernels_match_reference(m):
     packed, zp = affine.pack_codes(q, 4), affine.pack_codes(z, 4)
     _close(affine_weight_matmul(x, packed, s.half(), zp, 4, 128, 576),
            affine_weight_matmul_reference(x, packed, s.half(), zp, 4, 128, 576), torch.float16)
+
+
+@pytest.mark.parametrize("bits,group_size,grouped", [(4, 128, True), (4, 16, True), (2, -1, True), (8, 32, True),
+                                                     (4, 24, False), (3, 16, False), (4, 8, False)])
+def test_batch_one_takes_the_grouped_gemv_where_codes_fill_bytes(monkeypatch, bits, group_size, grouped):
+    """Codes that fill whole bytes in power-of-two groups (or one group a row) take the grouped GEMV
+    (vector loads, scale and zero once per group); others the general kernel."""
+    import qbench.kernels.dequant_matmul as dm
+
+    launched = []
+    real = dm._kernel
+    monkeypatch.setattr(dm, "_kernel", lambda name: launched.append(name) or real(name))
+    codes, scales, zeros = affine.quantize(torch.randn(N, K) * 0.1, bits, group_size)
+    packed, zeros_packed = affine.pack_codes(codes, bits), affine.pack_codes(zeros, bits)
+    affine_weight_matmul(torch.randn(1, K), packed, scales.half(), zeros_packed, bits, group_size, K)
+    assert launched == ["gemv_grouped" if grouped else "gemv"]
