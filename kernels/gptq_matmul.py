@@ -96,10 +96,13 @@ if HAS_TRITON:
                  acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
     # On CUDA the block sizes are autotuned per (N, K, bucket of M); the interpreter gets one config.
+    # 8-32 outputs a program as well: with 64-256 a 4096-output layer had 16-64 programs for 132
+    # multiprocessors, and the first H200 lease measured 4- and 8-bit equally slow (latency-bound)
     _GEMV_CONFIGS = [
         triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
         for bn in (64, 128, 256) for bk in (32, 64, 128) for w in (4,) for s in (2, 3)
-    ]
+    ] + [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=3)
+         for bn, bk, w in [(8, 256, 2), (16, 128, 2), (16, 256, 4), (32, 128, 4)]]
     _GEMM_CONFIGS = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
         for bm, bn, bk, w, s in [

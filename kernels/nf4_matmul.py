@@ -276,10 +276,13 @@ if HAS_TRITON:
     _nf4_grad_input_aligned_kernel = _piece(_nf4_grad_input_aligned_kernel)
 
     if not INTERPRET:  # autotune on GPU; the interpreter gets one fixed config (see _launch)
+        # Few output rows a program (4, 8) give 512-1024 programs for 4096 outputs: the first H200
+        # lease measured the 16-64-row configs latency-bound at 0.1-0.26 TB/s (256 programs or fewer,
+        # two to a multiprocessor, each walking all of K); the autotuner picks.
         _nf4_gemv_aligned_kernel = triton.autotune(
             configs=[triton.Config({"BLOCK_J": bj, "STEP": st}, num_warps=w)
                      for bj, st, w in [(16, 128, 4), (32, 64, 4), (32, 128, 4), (64, 64, 4), (16, 256, 8),
-                                       (32, 256, 8)]],
+                                       (32, 256, 8), (4, 256, 2), (4, 512, 4), (8, 256, 4), (8, 512, 4)]],
             key=["R", "J", "BLOCKSIZE", "DOUBLE_QUANT"])(_nf4_gemv_aligned_kernel)
         _nf4_gemv_kernel = triton.autotune(
             configs=[triton.Config({"BLOCK_J": bj, "BLOCK_R": br}, num_warps=w)
