@@ -13,6 +13,9 @@ The methods register only when bitsandbytes imports. Where it cannot run on the 
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import warnings
 from typing import Any
 
 import torch
@@ -23,14 +26,21 @@ from qbench.dtypes import dtype_name, dtype_of
 from qbench.method import Method, QuantizedLinear, replace_linears
 from qbench.params import Param, QBenchError, QBenchSkip
 
+# bitsandbytes prints its optional-kernel misses ("Failed to load CPU gemm_4bit_forward from
+# kernels-community ...") to stderr when imported, which would land in every qbench command, an
+# error line included; what it printed is kept here instead.
+_import_output = io.StringIO()
 try:
-    import bitsandbytes as bnb
-    import bitsandbytes.functional as bnbf
+    with contextlib.redirect_stderr(_import_output), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as bnbf
 except Exception as exc:  # not installed, or its native library does not load
     bnb = None
     IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 else:
     IMPORT_ERROR = None
+IMPORT_OUTPUT = _import_output.getvalue().strip()
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 KERNEL_PATH = "bitsandbytes"
