@@ -231,6 +231,10 @@ def _cases():
                         torch.zeros(N, zb, dtype=torch.uint8), bits, 128, K))
                 add(f"gptq_matmul {bits}b rows={rows} {dt_name}", lambda x=x, bits=bits, dt=dt: gptq_matmul.gptq_matmul(
                     x, *_gptq_tensors(pack_gptq, K, N, bits, dt), bits))
+                if rows == 1 and 32 % bits == 0:  # g_idx = k // 128: the grouped GEMV
+                    add(f"gptq_matmul grouped {bits}b rows=1 {dt_name}",
+                        lambda x=x, bits=bits, dt=dt: gptq_matmul.gptq_matmul(
+                            x, *_gptq_tensors(pack_gptq, K, N, bits, dt), bits, group=128))
             q = nf4.quantize_nf4_reference(torch.randn(N, K))
             odd = nf4.quantize_nf4_reference(torch.randn(N, K - 16), double_quant=False)  # rows end mid-block
             add(f"nf4_matmul rows={rows} {dt_name}", lambda x=x, q=q: nf4_matmul.nf4_matmul(x, q, use_triton=True))

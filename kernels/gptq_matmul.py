@@ -71,6 +71,48 @@ if HAS_TRITON:
         tl.store(out_ptr + row * stride_om + offs_n * stride_on, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
 
     @triton.jit
+    def _gptq_gemv_grouped_kernel(x_ptr, qw_ptr, qz_ptr, sc_ptr, bias_ptr, out_ptr,
+                                  N, K, stride_xm, stride_xk, stride_qk, stride_qn, stride_zg, stride_zn,
+                                  stride_sg, stride_sn, stride_om, stride_on,
+                                  BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                  GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """One row of x when column k is in group ``k // GROUP`` (``g_idx`` monotonic: no act-order, or
+        act-order with static groups, the default) and codes fill whole words (2, 4, 8 bits).
+
+        Each packed word is loaded once (the general kernel loads it once per code it holds) and split
+        with shifts; scales and zeros are applied once per group: ``s * (sum(q * x) - z * sum(x))``.
+        """
+        PER: tl.constexpr = 32 // BITS  # codes in a word, low bits first
+        NG: tl.constexpr = BLOCK_K // GROUP if BLOCK_K > GROUP else 1  # groups in a tile
+        SPAN: tl.constexpr = BLOCK_K // NG
+        row = tl.program_id(0)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        shifts = (tl.arange(0, PER) * BITS).to(tl.uint32)
+        words_in_k = (K * BITS + 31) // 32
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            # x past K is 0: the codes that share the last word add nothing
+            x = tl.load(x_ptr + row * stride_xm + offs_k * stride_xk, mask=offs_k < K, other=0.0).to(tl.float32)
+            offs_w = k0 // PER + tl.arange(0, BLOCK_K // PER)
+            words = tl.load(qw_ptr + offs_w[:, None] * stride_qk + offs_n[None, :] * stride_qn,
+                            mask=(offs_w < words_in_k)[:, None] & mask_n[None, :], other=0)
+            words = words.to(tl.uint32, bitcast=True)
+            q = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)
+            q = tl.reshape(q, [BLOCK_K, BLOCK_N]).to(tl.float32)
+            qx = tl.sum(tl.reshape(q * x[:, None], [NG, SPAN, BLOCK_N]), axis=1)
+            g = k0 // GROUP + tl.arange(0, NG)
+            gmask = (g * GROUP < K)[:, None] & mask_n[None, :]
+            s = tl.load(sc_ptr + g[:, None] * stride_sg + offs_n[None, :] * stride_sn, mask=gmask, other=0.0)
+            z = _code_at(qz_ptr, offs_n[None, :] * BITS, stride_zn, g[:, None] * stride_zg, gmask, BITS)
+            xs = tl.sum(tl.reshape(x, [NG, SPAN]), axis=1)
+            acc += tl.sum(s.to(tl.float32) * (qx - (z + ZERO_OFFSET).to(tl.float32) * xs[:, None]), axis=0)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * stride_om + offs_n * stride_on, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
+
+    @triton.jit
     def _gptq_gemm_kernel(x_ptr, qw_ptr, qz_ptr, sc_ptr, gidx_ptr, bias_ptr, out_ptr, M_BUCKET,
                           M, N, K, stride_xm, stride_xk, stride_qk, stride_qn, stride_zg, stride_zn,
                           stride_sg, stride_sn, stride_om, stride_on,
@@ -112,6 +154,8 @@ if HAS_TRITON:
         ]
     ]
     _gemv_tuned = triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K"])(_gptq_gemv_kernel)
+    _gemv_grouped_tuned = triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K", "BITS", "GROUP"])(
+        _gptq_gemv_grouped_kernel)
     _gemm_tuned = triton.autotune(configs=_GEMM_CONFIGS, key=["M_BUCKET", "N", "K"])(_gptq_gemm_kernel)
 
 INTERPRET_GEMV_BLOCKS = {"BLOCK_N": 32, "BLOCK_K": 32}
@@ -150,14 +194,33 @@ def gptq_matmul_reference(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.
     return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
 
 
+ONE_GROUP = 1 << 30  # GROUP of a layer with one group: every tile's group index is 0
+
+
+def contiguous_group(g_idx: torch.Tensor, bits: int, group_size: int) -> int:
+    """GROUP for the grouped GEMV when ``g_idx`` is ``k // group_size`` (no act-order, or act-order
+    with static groups), codes fill whole words and the group is a power of two of at least 16
+    columns (or the whole row); 0 otherwise. Reads ``g_idx`` once: call it when a layer is built."""
+    in_features = g_idx.shape[0]
+    size = in_features if group_size == -1 or group_size >= in_features else group_size
+    if 32 % bits != 0:
+        return 0
+    if not torch.equal(g_idx.cpu().long(), torch.arange(in_features) // size):
+        return 0
+    if size == in_features:
+        return ONE_GROUP
+    return size if size >= 16 and size & (size - 1) == 0 else 0
+
+
 def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                 g_idx: torch.Tensor, bits: int, bias: torch.Tensor | None = None,
-                zero_offset: int = 1) -> torch.Tensor:
+                zero_offset: int = 1, group: int = 0) -> torch.Tensor:
     """``x @ W + bias`` with ``W`` ([in, out]) dequantized on the fly from the GPTQ layout.
 
     ``zero_offset`` is 1 for the v1 "gptq" checkpoint format (zeros stored minus one), 0 for
     "gptq_v2". Runs the Triton kernels where :func:`triton_can_run` (the GEMV kernel for a single
-    row, the GEMM kernel otherwise) and the torch reference elsewhere.
+    row, the GEMM kernel otherwise) and the torch reference elsewhere. ``group``: what
+    :func:`contiguous_group` returned for this layer; nonzero sends single rows to the grouped GEMV.
     """
     if not triton_can_run(x):
         return gptq_matmul_reference(x, qweight, qzeros, scales, g_idx, bits, bias, zero_offset)
@@ -172,7 +235,16 @@ def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
     common = (qweight.stride(0), qweight.stride(1), qzeros.stride(0), qzeros.stride(1),
               scales.stride(0), scales.stride(1), out.stride(0), out.stride(1))
     flags = {"BITS": bits, "ZERO_OFFSET": zero_offset, "HAS_BIAS": bias is not None}
-    if rows == 1:
+    if rows == 1 and group:
+        kernel, blocks = ((_gptq_gemv_grouped_kernel, INTERPRET_GEMV_BLOCKS) if INTERPRET
+                          else (_gemv_grouped_tuned, {}))
+
+        def grid(meta):
+            return (rows, cdiv(out_features, meta["BLOCK_N"]))
+
+        kernel[grid](x2, qweight, qzeros, scales, bias_arg, out, out_features, in_features, x2.stride(0),
+                     x2.stride(1), *common, **flags, GROUP=group, **blocks)
+    elif rows == 1:
         kernel, blocks = (_gptq_gemv_kernel, INTERPRET_GEMV_BLOCKS) if INTERPRET else (_gemv_tuned, {})
 
         def grid(meta):

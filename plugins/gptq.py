@@ -25,7 +25,7 @@ from qbench import hookimpl
 from qbench.kernels import cpu_int4
 from qbench.kernels._cpu import cpu_kernels_wanted
 from qbench.kernels._triton import use_triton_in_module
-from qbench.kernels.gptq_matmul import gptq_matmul, gptq_matmul_reference
+from qbench.kernels.gptq_matmul import contiguous_group, gptq_matmul, gptq_matmul_reference
 from qbench.kernels.gptq_pack import (
     CHECKPOINT_FORMATS,
     SUPPORTED_BITS,
@@ -167,7 +167,9 @@ class GPTQLinear(Int4CpuLayout, QuantizedLinear):
         args = (x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.bias, self.zero_offset)
         if use_triton_in_module(x):
             self.kernel_path = "triton"
-            return gptq_matmul(*args)
+            if getattr(self, "_gemv_group", None) is None:  # g_idx read once, outside any graph capture
+                self._gemv_group = contiguous_group(self.g_idx, self.bits, self.group_size)
+            return gptq_matmul(*args, group=self._gemv_group)
         y = self._int4_cpu_matmul(x)
         if y is not None:
             return y

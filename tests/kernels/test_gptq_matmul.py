@@ -82,6 +82,19 @@ def test_empty_batch_and_bad_shapes():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_grouped_gemv_matches_reference(dtype):
+    packed, offset = _layer(4096, 1024, 4, 128, act_order=False)
+    packed = {k: v.cuda() for k, v in packed.items()}
+    x = torch.randn(1, 4096, device="cuda").to(dtype)
+    args = (x, packed["qweight"], packed["qzeros"], packed["scales"], packed["g_idx"], 4, None, offset)
+    group = gm.contiguous_group(packed["g_idx"], 4, 128)
+    assert group == 128
+    torch.testing.assert_close(gm.gptq_matmul(*args, group=group).float(), gm.gptq_matmul_reference(*args).float(),
+                               rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("rows", [1, 16, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_matches_reference(rows, dtype):
@@ -91,3 +104,40 @@ def test_cuda_matches_reference(rows, dtype):
     args = (x, packed["qweight"], packed["qzeros"], packed["scales"], packed["g_idx"], 4, None, offset)
     torch.testing.assert_close(gm.gptq_matmul(*args).float(), gm.gptq_matmul_reference(*args).float(),
                                rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("bits,group_size,K,act_order,grouped", [
+    (4, 32, 96, False, True), (4, 16, 75, False, True), (2, 32, 80, False, True), (8, 16, 40, False, True),
+    (4, 75, 75, False, True),  # one group a row
+    (4, 24, 72, False, False), (3, 32, 96, False, False), (4, 32, 96, True, False),
+])
+@pytest.mark.parametrize("fmt", ["gptq", "gptq_v2"])
+def test_single_rows_with_contiguous_groups_take_the_grouped_gemv(monkeypatch, bits, group_size, K, act_order,
+                                                                  grouped, fmt):
+    """g_idx = k // group (no act-order, or static groups) and codes that fill words: the grouped GEMV
+    (each word loaded once, scale and zero once per group) gives the reference's numbers."""
+    packed, offset = _layer(K, 24, bits, group_size, act_order, fmt=fmt)
+    group = gm.contiguous_group(packed["g_idx"], bits, group_size)
+    assert bool(group) == grouped
+    if not grouped:
+        return
+    launched = []
+    real = gm._gptq_gemv_grouped_kernel
+    monkeypatch.setattr(gm, "_gptq_gemv_grouped_kernel", _Recording(real, launched))
+    x = torch.randn(1, K)
+    bias = torch.randn(24)
+    args = (x, packed["qweight"], packed["qzeros"], packed["scales"], packed["g_idx"], bits, bias, offset)
+    torch.testing.assert_close(gm.gptq_matmul(*args, group=group), gm.gptq_matmul_reference(*args),
+                               rtol=1e-5, atol=1e-5)
+    assert launched
+
+
+class _Recording:
+    """A kernel stand-in that notes each launch and runs the real one."""
+
+    def __init__(self, kernel, launched):
+        self.kernel, self.launched = kernel, launched
+
+    def __getitem__(self, grid):
+        self.launched.append(grid)
+        return self.kernel[grid]
