@@ -193,6 +193,7 @@ def _gemv_configs():
 
 
 _TUNED: dict = {}
+INTERPRET_GEMV_BLOCKS = {"BLOCK_N": 16, "BLOCK_K": 64}  # the interpreter's fixed blocks (tests swap in the GPU's)
 
 
 def _kernel(name: str):
@@ -250,14 +251,14 @@ def _launch(x, w, scale, zeros, bias, *, int8: bool, bits: int, zero_mode: int, 
     use_gemv = path == "gemv" or (path is None and M == 1)
     group = _byte_aligned_group(int8, bits, size, groups)
     if use_gemv and group:
-        blocks = dict(BLOCK_N=16, BLOCK_K=64) if INTERPRET else {}
+        blocks = dict(INTERPRET_GEMV_BLOCKS) if INTERPRET else {}
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M)  # noqa: E731
         _kernel("gemv_grouped")[grid](x2d, w, scale, zeros, bias_arg, y, N, K, x2d.stride(0), y.stride(0),
                                       w_row_bytes, z_row_bytes, stride_sn, stride_sg, BITS=bits, ZERO_MODE=zero_mode,
                                       HAS_BIAS=bias is not None, GROUP=group, **blocks)
     elif use_gemv:
         kernel = _kernel("gemv")
-        blocks = dict(BLOCK_N=16, BLOCK_K=64) if INTERPRET else {}
+        blocks = dict(INTERPRET_GEMV_BLOCKS) if INTERPRET else {}
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M)  # noqa: E731
         kernel[grid](x2d, w, scale, zeros, bias_arg, y, N, K, x2d.stride(0), y.stride(0), *args, **common, **blocks)
     else:

@@ -41,6 +41,13 @@ if HAS_TRITON:
 
     from qbench.kernels._triton import dot_dequantized
 
+# (BLOCK_J, STEP, num_warps) of the aligned GEMV on a GPU. Few output rows a program (4, 8) give
+# 512-1024 programs for 4096 outputs: the first H200 lease measured the 16-64-row configs
+# latency-bound at 0.1-0.26 TB/s (256 programs or fewer, each walking all of K); the autotuner picks.
+GEMV_ALIGNED_CONFIGS = [(16, 128, 4), (32, 64, 4), (32, 128, 4), (64, 64, 4), (16, 256, 8), (32, 256, 8),
+                        (4, 256, 2), (4, 512, 4), (8, 256, 4), (8, 512, 4)]
+INTERPRET_GEMV_ALIGNED_BLOCKS = {"BLOCK_J": 8, "STEP": 16}  # the interpreter's (tests swap in the GPU's)
+
 # Batches up to this many rows take the GEMV kernel (one pass over the weight per row).
 GEMV_MAX_ROWS = 4
 
@@ -276,13 +283,8 @@ if HAS_TRITON:
     _nf4_grad_input_aligned_kernel = _piece(_nf4_grad_input_aligned_kernel)
 
     if not INTERPRET:  # autotune on GPU; the interpreter gets one fixed config (see _launch)
-        # Few output rows a program (4, 8) give 512-1024 programs for 4096 outputs: the first H200
-        # lease measured the 16-64-row configs latency-bound at 0.1-0.26 TB/s (256 programs or fewer,
-        # two to a multiprocessor, each walking all of K); the autotuner picks.
         _nf4_gemv_aligned_kernel = triton.autotune(
-            configs=[triton.Config({"BLOCK_J": bj, "STEP": st}, num_warps=w)
-                     for bj, st, w in [(16, 128, 4), (32, 64, 4), (32, 128, 4), (64, 64, 4), (16, 256, 8),
-                                       (32, 256, 8), (4, 256, 2), (4, 512, 4), (8, 256, 4), (8, 512, 4)]],
+            configs=[triton.Config({"BLOCK_J": bj, "STEP": st}, num_warps=w) for bj, st, w in GEMV_ALIGNED_CONFIGS],
             key=["R", "J", "BLOCKSIZE", "DOUBLE_QUANT"])(_nf4_gemv_aligned_kernel)
         _nf4_gemv_kernel = triton.autotune(
             configs=[triton.Config({"BLOCK_J": bj, "BLOCK_R": br}, num_warps=w)
@@ -332,7 +334,7 @@ def _launch(x2d: torch.Tensor, q: NF4Tensor, R: int, J: int, stride_r: int, stri
                                              **dots, **fixed)
     elif M <= GEMV_MAX_ROWS and aligned:
         # forward with whole blocks per row: bytes and absmax loaded once (the decode fast path)
-        fixed = dict(BLOCK_J=8, STEP=16) if INTERPRET else {}
+        fixed = dict(INTERPRET_GEMV_ALIGNED_BLOCKS) if INTERPRET else {}
         grid = lambda meta: (M, cdiv(J, meta["BLOCK_J"]))  # noqa: E731
         _nf4_gemv_aligned_kernel[grid](x_in, out, *state, R, J, x_in.stride(0), out.stride(0), **common, **fixed)
     elif M <= GEMV_MAX_ROWS:
