@@ -106,3 +106,21 @@ def test_non_finite_weights_name_the_layer():
 def test_bad_parameters(params, message):
     with pytest.raises(QBenchError, match=message):
         NF4Method(**params)
+
+
+def test_the_dequantize_then_matmul_path_runs_what_it_records(monkeypatch):
+    """Where a layer records triton-dequant+torch-matmul it must take the Triton launcher (which
+    chooses that path), not the torch reference: a check on the recorded name once sent it there."""
+    import qbench.quant.nf4 as layer_module
+    from qbench.kernels.nf4_matmul import DEQUANT_MATMUL_PATH
+    from qbench.quant.nf4 import NF4Linear
+
+    calls = []
+    monkeypatch.setattr(layer_module, "use_triton_in_module", lambda x: True)
+    monkeypatch.setattr(layer_module, "cuda_kernel_path", lambda x: DEQUANT_MATMUL_PATH)
+    monkeypatch.setattr(layer_module, "nf4_linear",
+                        lambda x, q, bias, use_triton: calls.append(use_triton) or x[..., :8])
+    layer = NF4Linear.from_linear(torch.nn.Linear(64, 8))
+    layer.cpu_kernel = False
+    layer(torch.randn(16, 64))
+    assert layer.kernel_path == DEQUANT_MATMUL_PATH and calls == [True]

@@ -91,8 +91,9 @@ class NF4Linear(QuantizedLinear):
         if self.cpu_kernel and use_cpu_kernel(xc, fp32=True) and cpu_nf4.supports(self.q):
             self.kernel_path = cpu_nf4.kernel_path(xc.shape[:-1].numel())
             return cpu_nf4.nf4_linear_cpu(xc, self.q, bias).to(x.dtype)
-        self.kernel_path = cuda_kernel_path(xc) if use_triton_in_module(xc) else "reference"
-        return nf4_linear(xc, self.q, bias, use_triton=self.kernel_path == "triton").to(x.dtype)
+        triton = use_triton_in_module(xc)
+        self.kernel_path = cuda_kernel_path(xc) if triton else "reference"
+        return nf4_linear(xc, self.q, bias, use_triton=triton).to(x.dtype)
 
     def stored_tensors(self) -> dict[str, torch.Tensor]:
         tensors = dict(self.q.tensors())
