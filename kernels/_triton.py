@@ -48,6 +48,18 @@ if HAS_TRITON:
         return out
 
 
+ONE_GROUP = 1 << 30  # GROUP of a layer with one group a row: every tile's group index is 0
+
+
+def gemv_group(size: int, groups: int) -> int:
+    """The ``GROUP`` constexpr of the grouped batch-1 GEMVs (affine, GPTQ): the group size when it is
+    a power of two of at least 16 columns, ONE_GROUP for one group a row, else 0 (the general GEMV:
+    the grouped kernels reshape a tile into groups, which needs power-of-two spans)."""
+    if groups == 1:
+        return ONE_GROUP
+    return size if size >= 16 and size & (size - 1) == 0 else 0
+
+
 def triton_can_run(t: torch.Tensor) -> bool:
     """True where a Triton launcher can run on ``t``: a CUDA tensor, or any CPU tensor under the interpreter."""
     if not HAS_TRITON:

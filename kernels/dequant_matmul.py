@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qbench.kernels._triton import INTERPRET, UPCAST_BF16, cdiv, dot_dequantized, triton_can_run
+from qbench.kernels._triton import INTERPRET, UPCAST_BF16, cdiv, dot_dequantized, gemv_group, triton_can_run
 from qbench.kernels.affine import packed_row_bytes, unpack_codes
 from qbench.params import QBenchError
 
@@ -209,19 +209,6 @@ def _kernel(name: str):
     return _TUNED[name]
 
 
-ONE_GROUP = 1 << 30  # GROUP for one group per row: every tile's group index is 0
-
-
-def _byte_aligned_group(int8: bool, bits: int, size: int, groups: int) -> int:
-    """GROUP for the grouped GEMV (codes that never straddle a byte, groups of a power of two of at
-    least 16 columns, or one group a row), else 0: the general GEMV kernel."""
-    if int8 or 8 % bits != 0:
-        return 0
-    if groups == 1:
-        return ONE_GROUP
-    return size if size >= 16 and size & (size - 1) == 0 else 0
-
-
 def _launch(x, w, scale, zeros, bias, *, int8: bool, bits: int, zero_mode: int, group_size: int,
             in_features: int, out_features: int, path: str | None):
     K, N = in_features, out_features
@@ -249,7 +236,7 @@ def _launch(x, w, scale, zeros, bias, *, int8: bool, bits: int, zero_mode: int, 
     common = dict(INT8=int8, BITS=bits, ZERO_MODE=zero_mode, SCALE_IN_EPILOGUE=epilogue, HAS_BIAS=bias is not None)
     args = (w_row_bytes, z_row_bytes, size, stride_sn, stride_sg)
     use_gemv = path == "gemv" or (path is None and M == 1)
-    group = _byte_aligned_group(int8, bits, size, groups)
+    group = 0 if int8 or 8 % bits != 0 else gemv_group(size, groups)  # codes that never straddle a byte
     if use_gemv and group:
         blocks = dict(INTERPRET_GEMV_BLOCKS) if INTERPRET else {}
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M)  # noqa: E731

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from qbench.kernels._triton import HAS_TRITON, INTERPRET, UPCAST_BF16, cdiv, triton_can_run
+from qbench.kernels._triton import HAS_TRITON, INTERPRET, UPCAST_BF16, cdiv, gemv_group, triton_can_run
 from qbench.kernels.gptq_pack import check_bits, dequantize_gptq, packed_rows
 from qbench.params import QBenchError
 
@@ -194,9 +194,6 @@ def gptq_matmul_reference(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.
     return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
 
 
-ONE_GROUP = 1 << 30  # GROUP of a layer with one group: every tile's group index is 0
-
-
 def contiguous_group(g_idx: torch.Tensor, bits: int, group_size: int) -> int:
     """GROUP for the grouped GEMV when ``g_idx`` is ``k // group_size`` (no act-order, or act-order
     with static groups), codes fill whole words and the group is a power of two of at least 16
@@ -207,9 +204,7 @@ def contiguous_group(g_idx: torch.Tensor, bits: int, group_size: int) -> int:
         return 0
     if not torch.equal(g_idx.cpu().long(), torch.arange(in_features) // size):
         return 0
-    if size == in_features:
-        return ONE_GROUP
-    return size if size >= 16 and size & (size - 1) == 0 else 0
+    return gemv_group(size, cdiv(in_features, size))
 
 
 def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192)]  # (out_features, in_features): issue 13's shapes
 BATCHES = [1, 16, 128]
-AFFINE = [(4, 128)]  # (bits, group_size): the issue-13 target; 3-bit and 8-bit affine share the kernel
+AFFINE = [(4, 128)]  # (bits, group_size): the issue-13 target (the grouped GEMV at batch 1)
 W8A8_BATCHES = [1, 16, 128, 256, 1024]  # issue 13's W8A8 target is at batch >= 256
 
 
