@@ -16,11 +16,12 @@ import torch
 from qbench.hub import hub_unreachable, offline
 from qbench.params import QBenchError
 
-# name -> (hub loader args, local file relative to the data dir, default split)
+# split -> the local file, relative to the data dir
 WIKITEXT2_LOCAL = {"test": "wikitext-2-raw/wiki.test.raw", "validation": "wikitext-2-raw/wiki.valid.raw"}
 C4_LOCAL = {"validation": "c4/c4-validation-sample.jsonl"}
 C4_HUB_FILE = "en/c4-validation.00000-of-00008.json.gz"
 KNOWN = ("wikitext2", "c4")
+DEFAULT_SPLIT = {"wikitext2": "test", "c4": "validation"}
 
 
 def data_dirs(explicit: str | None = None) -> list[Path]:
@@ -76,25 +77,56 @@ def _dataset_rows(ds) -> list[str]:
     return [r for r in ds["text"]]
 
 
+SPLITS = {"wikitext2": WIKITEXT2_LOCAL, "c4": C4_LOCAL}
+
+
+def split_name(name: str) -> tuple[str, str | None]:
+    """``wikitext2:validation`` -> ("wikitext2", "validation"); a file path (even one with a colon)
+    or a bare name -> (name, None)."""
+    base, sep, split = name.partition(":")
+    if sep and base in SPLITS and not Path(name).is_file():
+        return base, split
+    return name, None
+
+
 def check_dataset_name(name: str) -> None:
-    """Raise QBenchError for a dataset that cannot exist (unknown name, missing file) without loading
-    anything; whether wikitext2/c4 are present is only known by loading them."""
-    if name in ("wikitext2", "c4") or Path(name).is_file():
+    """Raise QBenchError for a dataset that cannot exist (unknown name or split, missing file) without
+    loading anything; whether wikitext2/c4 are present is only known by loading them."""
+    base, split = split_name(name)
+    if split is not None and split not in SPLITS[base]:
+        raise QBenchError(f"{base} has the split(s) {', '.join(SPLITS[base])}, not {split!r}; "
+                          f"e.g. --dataset {base}:{next(iter(SPLITS[base]))}")
+    if base in SPLITS or Path(name).is_file():
         return
     if Path(name).suffix in (".txt", ".jsonl", ".json", ".raw") or "/" in name:
         raise QBenchError(f"dataset file {name} not found")
-    raise QBenchError(f"unknown dataset {name!r}; use wikitext2, c4, or a path to a .txt or .jsonl file")
+    raise QBenchError(f"unknown dataset {name!r}; use wikitext2, c4 (a split after a colon: "
+                      f"wikitext2:validation), or a path to a .txt or .jsonl file")
 
 
 def load_text(name: str, split: str | None = None, data_dir: str | None = None) -> TextSource:
-    """Resolve ``name`` (wikitext2, c4, or a .txt/.jsonl path) to a TextSource, or raise QBenchError
-    saying where we looked and what to pass."""
+    """Resolve ``name`` (wikitext2, c4, either with ``:split``, or a .txt/.jsonl path) to a TextSource,
+    or raise QBenchError saying where we looked and what to pass. A split other than the default one
+    shows in the source's name (``wikitext2:validation``), so protocols and records tell them apart."""
+    base, named_split = split_name(name)
+    if named_split is not None:
+        if split is not None and split != named_split:
+            raise QBenchError(f"dataset {name!r} names the split {named_split!r}, but {split!r} was asked for")
+        check_dataset_name(name)
+        split = named_split
+    source = _load_text(base, split, data_dir)
+    if base in DEFAULT_SPLIT and source.split != DEFAULT_SPLIT[base]:
+        source.name = f"{base}:{source.split}"
+    return source
+
+
+def _load_text(name: str, split: str | None, data_dir: str | None) -> TextSource:
     import datasets
 
     datasets.disable_progress_bars()
     looked: list[str] = []
     if name == "wikitext2":
-        split = split or "test"
+        split = split or DEFAULT_SPLIT["wikitext2"]
         if split not in WIKITEXT2_LOCAL:
             raise QBenchError(f"wikitext2 has splits {', '.join(WIKITEXT2_LOCAL)}, not {split!r}")
         for d in data_dirs(data_dir):
@@ -116,7 +148,7 @@ def load_text(name: str, split: str | None = None, data_dir: str | None = None) 
             except Exception:
                 pass
     elif name == "c4":
-        split = split or "validation"
+        split = split or DEFAULT_SPLIT["c4"]
         if split not in C4_LOCAL:
             raise QBenchError(f"c4 here has the split {', '.join(C4_LOCAL)}, not {split!r}")
         for d in data_dirs(data_dir):

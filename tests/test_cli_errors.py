@@ -34,6 +34,7 @@ def check_one_line_error(result, *needles):
     (["--suites", "latency:batch_sizes=1,4"], ["unknown suite '4'"]),
     (["--suites", "perplexity:window=5"], ["unknown parameter 'window'"]),
     (["--dataset", "wikitext3"], ["unknown dataset 'wikitext3'"]),
+    (["--dataset", "wikitext2:train"], ["wikitext2 has the split(s) test, validation, not 'train'"]),
     (["--dataset", "/nonexistent/text.txt"], ["dataset file /nonexistent/text.txt not found"]),
     (["--models", "/nonexistent-model-dir/x"], ["not found"]),
     (["--limit", "many"], ["--limit 'many'"]),

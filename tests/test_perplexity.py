@@ -1,9 +1,11 @@
 """The perplexity suite against an independent, straightforward computation, and the data loaders."""
 import math
 
+import pytest
 import torch
 
 from qbench.data import encode, load_text
+from qbench.params import QBenchError
 from qbench.models import ByteTokenizer, tiny_llama
 from qbench.suite import CellContext
 from suites.perplexity import PerplexitySuite
@@ -48,3 +50,13 @@ def test_c4_and_plain_files(tmp_path):
     mine = load_text(str(path))
     assert mine.text() == "first line\nsecond line\n"
     assert encode(ByteTokenizer(), mine.text()).numel() == len("first line\nsecond line\n")
+
+
+def test_a_split_after_a_colon():
+    valid = load_text("wikitext2:validation")
+    assert valid.split == "validation" and valid.name == "wikitext2:validation"
+    assert valid.rows == load_text("wikitext2", "validation").rows != load_text("wikitext2").rows
+    assert valid.rows[1] == " = Homarus gammarus = \n"  # the first article of wiki.valid.raw
+    assert load_text("wikitext2:test").name == "wikitext2"  # the default split keeps the plain name
+    with pytest.raises(QBenchError, match="wikitext2 has the split.*not 'train'.*wikitext2:test"):
+        load_text("wikitext2:train")
