@@ -159,7 +159,8 @@ def _limit(value: str | None, device: str) -> tuple[int | None, bool]:
               help="smollm2-135m (default), tiny-llama, random:DIR (random weights in DIR/config.json's "
                    "architecture: speed and memory only), a model directory or hub id")
 @click.option("--suites", "suites_", multiple=True, help="e.g. memory,latency,perplexity:seqlen=512")
-@click.option("--dataset", default="wikitext2", show_default=True, help="wikitext2 (test split), wikitext2:validation, c4, or a .txt/.jsonl file")
+@click.option("--dataset", default="wikitext2", show_default=True,
+              help="wikitext2 (test split), wikitext2:validation, c4, or a .txt/.jsonl file")
 @click.option("--data-dir", default=None, help="folder laid out like shared/data (else $QBENCH_DATA_DIR, else the hub)")
 @click.option("--calibration", default="c4", show_default=True,
               help="dataset for calibrating methods (GPTQ, static INT8)")

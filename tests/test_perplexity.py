@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from qbench.data import encode, load_text
-from qbench.params import QBenchError
 from qbench.models import ByteTokenizer, tiny_llama
+from qbench.params import QBenchError
 from qbench.suite import CellContext
 from suites.perplexity import PerplexitySuite
 
