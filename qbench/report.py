@@ -31,13 +31,7 @@ def context_lines(frame: pd.DataFrame, run_dir: Path) -> list[str]:
     devices = sorted({d for d in frame["device"].dropna()})
     if devices:
         lines.append("device: " + ", ".join(devices))
-    envs = frame["env"].dropna().tolist() if "env" in frame else []
-    if envs:
-        e = envs[-1]
-        commit = (e.get("git") or {}).get("commit")
-        lines.append(f"versions: python {e.get('python')}, torch {e.get('torch')}, triton {e.get('triton')}, "
-                     f"transformers {e.get('transformers')}; qbench commit {commit[:10] if commit else 'unknown'}"
-                     + (" (dirty)" if (e.get("git") or {}).get("dirty") else ""))
+    lines.extend(version_lines(frame))
     finished = sorted(frame["finished_at"].dropna()) if "finished_at" in frame else []
     if finished:
         lines.append(f"recorded: {finished[0]} to {finished[-1]}")
@@ -51,6 +45,30 @@ def context_lines(frame: pd.DataFrame, run_dir: Path) -> list[str]:
                 notes.append(n)
     lines.extend(f"note: {n}" for n in notes)
     return lines
+
+
+def _versions(env: dict) -> str:
+    git = env.get("git") or {}
+    commit = git.get("commit")
+    return (f"python {env.get('python')}, torch {env.get('torch')}, triton {env.get('triton')}, "
+            f"transformers {env.get('transformers')}; qbench commit {commit[:10] if commit else 'unknown'}"
+            + (" (dirty)" if git.get("dirty") else ""))
+
+
+def version_lines(frame: pd.DataFrame) -> list[str]:
+    """One ``versions:`` line when every record was made by the same code and libraries; else one a
+    set, naming its rows (a run resumed over days mixes commits, and the table must say so)."""
+    if "env" not in frame:
+        return []
+    rows: dict[str, list[str]] = {}
+    for env, method in zip(frame["env"], frame["method"]):
+        if isinstance(env, dict):
+            rows.setdefault(_versions(env), [])
+            if method not in rows[_versions(env)]:
+                rows[_versions(env)].append(method)
+    if len(rows) == 1:
+        return [f"versions: {next(iter(rows))}"]
+    return [f"versions ({', '.join(methods)}): {text}" for text, methods in rows.items()]
 
 
 def interval_lines(board: pd.DataFrame) -> list[str]:

@@ -139,3 +139,20 @@ def test_rows_are_labelled_by_todays_defaults_from_the_recorded_values(tmp_path)
     board = leaderboard(load_frame(write_run(tmp_path / "run", [old_default, today, unknown])))
     flipped = f"gptq:sym={str(not defaults['sym']).lower()}"
     assert list(board["method"]) == [flipped, "gptq", "gptq:bits=3"]
+
+
+def test_a_run_resumed_under_other_code_names_each_commit_and_its_rows(tmp_path):
+    def env(commit, dirty=False):
+        return {"device": "cpu (test)", "python": "3.11", "torch": "2.13.0", "triton": "3.9.0",
+                "transformers": "5.24.0", "git": {"commit": commit, "dirty": dirty}}
+
+    recs = [record(m, "memory", {"bits_per_weight": b}) for m, b in (("fp16", 16), ("nf4", 4.1), ("int8-absmax", 8.2))]
+    recs[0]["env"] = recs[1]["env"] = env("a" * 40)
+    recs[2]["env"] = env("b" * 40, dirty=True)
+    text = render(write_run(tmp_path / "mixed", recs), "md")
+    assert "versions (fp16, nf4): python 3.11, torch 2.13.0, triton 3.9.0, transformers 5.24.0; " \
+           "qbench commit aaaaaaaaaa" in text
+    assert "versions (int8-absmax): " in text and "qbench commit bbbbbbbbbb (dirty)" in text
+    recs[2]["env"] = env("a" * 40)
+    text = render(write_run(tmp_path / "same", recs), "md")
+    assert "versions: python 3.11" in text and "versions (" not in text
