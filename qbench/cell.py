@@ -128,7 +128,26 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def exit_with_parent(poll_s: float = 1.0) -> None:
+    """End this process when the driver that started it is gone. Killing ``qbench run`` (SIGTERM,
+    SIGKILL, a closed session) would otherwise leave its cell running alone, holding the cores the
+    rerun's cells then share: an orphaned cell once ran beside the rerun for 100 minutes. Its
+    result has nowhere to go, and everything it writes on the way is written atomically."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent:
+                os._exit(143)
+
+    threading.Thread(target=watch, name="qbench-exit-with-parent", daemon=True).start()
+
+
 def main(argv: list[str]) -> int:
+    exit_with_parent()
     cell_path, result_path = Path(argv[0]), Path(argv[1])
     cell = json.loads(cell_path.read_text())
     import torch

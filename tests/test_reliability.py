@@ -260,6 +260,36 @@ def test_killed_runs_leave_no_scratch_behind(tmp_path):
     assert not leftovers, leftovers
 
 
+
+ORPHAN = """
+import subprocess, sys
+child = subprocess.Popen([sys.executable, "-c", "import time; from qbench.cell import exit_with_parent; "
+                          "exit_with_parent(0.1); print('ready', flush=True); time.sleep(120)"],
+                         stdout=subprocess.PIPE, text=True)
+assert child.stdout.readline().strip() == "ready"
+print(child.pid, flush=True)
+"""
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")  # a zombie waits only for its reaper
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+def test_a_cell_ends_when_its_driver_is_killed():
+    """The driver dies without a word (as under ``kill`` or SIGKILL): its cell must not run on alone."""
+    driver = subprocess.run([sys.executable, "-c", ORPHAN], capture_output=True, text=True, timeout=60)
+    cell_pid = int(driver.stdout.split()[-1])
+    deadline = time.time() + 15
+    while _running(cell_pid) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not _running(cell_pid)
+
+
 # --- issue 16: what report says about directories that are not runs ------------------------------
 
 def test_report_on_an_interrupted_run_directory_and_on_a_file(tmp_path):
