@@ -148,6 +148,11 @@ def exit_with_parent(poll_s: float = 1.0) -> None:
 
 def main(argv: list[str]) -> int:
     exit_with_parent()
+    from qbench.records import git_commit
+
+    # The code this process runs is the checkout as it is now, which is not always the one the
+    # driver started from (an editable install, a run resumed for hours while commits land).
+    code = git_commit()
     cell_path, result_path = Path(argv[0]), Path(argv[1])
     cell = json.loads(cell_path.read_text())
     import torch
@@ -169,6 +174,7 @@ def main(argv: list[str]) -> int:
                   + f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
                   "traceback": traceback.format_exc()[-4000:]}
     result["torch_threads"] = torch.get_num_threads()
+    result["git"] = code
     tmp = result_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, default=str))
     os.replace(tmp, result_path)

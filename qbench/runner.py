@@ -377,6 +377,8 @@ def make_record(cell: dict, result: dict, env: dict, duration: float) -> dict[st
     }
     if result.get("torch_threads"):  # what the cell process used (--threads), not the driver's default
         record["env"]["torch_threads"] = result["torch_threads"]
+    if result.get("git"):  # the commit the cell's process ran, not the one the driver started at
+        record["env"]["git"] = result["git"]
     if record["status"] != "ok":
         record["message"] = result.get("message", "unknown error")
         if result.get("traceback"):

@@ -112,3 +112,17 @@ def test_records_carry_the_threads_the_cell_used(tmp_path):
     if "not reset" not in record["extra"]["peak_memory_kind"]:  # the kernel let us reset the peak
         assert record["metrics"]["peak_activation_memory"]["value"] > 0
     assert any("forward peak Δ" in note for note in record["notes"])
+
+
+def test_a_record_names_the_commit_its_cell_ran_not_the_drivers():
+    """A run resumed for hours while commits land: each cell process reports the checkout it started
+    from, and that is what its record says."""
+    from qbench.runner import make_record
+
+    cell = {"id": "x", "method": {"name": "fp32", "params": {}, "label": "fp32"}, "model": "tiny-llama",
+            "suite": {"name": "memory", "params": {}, "label": "memory"}, "device": "cpu", "dtype": "auto", "seed": 0}
+    driver_env = {"git": {"commit": "a" * 40, "dirty": False}, "torch_threads": 2}
+    cell_git = {"commit": "b" * 40, "dirty": True}
+    record = make_record(cell, {"status": "ok", "metrics": {}, "git": cell_git}, driver_env, 1.0)
+    assert record["env"]["git"] == cell_git and driver_env["git"]["commit"] == "a" * 40
+    assert make_record(cell, {"status": "ok", "metrics": {}}, driver_env, 1.0)["env"]["git"] == driver_env["git"]
