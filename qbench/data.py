@@ -20,7 +20,7 @@ from qbench.params import QBenchError
 WIKITEXT2_LOCAL = {"test": "wikitext-2-raw/wiki.test.raw", "validation": "wikitext-2-raw/wiki.valid.raw"}
 C4_LOCAL = {"validation": "c4/c4-validation-sample.jsonl"}
 C4_HUB_FILE = "en/c4-validation.00000-of-00008.json.gz"
-KNOWN = ("wikitext2", "c4")
+SPLITS = {"wikitext2": WIKITEXT2_LOCAL, "c4": C4_LOCAL}  # the datasets known by name
 DEFAULT_SPLIT = {"wikitext2": "test", "c4": "validation"}
 
 
@@ -77,9 +77,6 @@ def _dataset_rows(ds) -> list[str]:
     return [r for r in ds["text"]]
 
 
-SPLITS = {"wikitext2": WIKITEXT2_LOCAL, "c4": C4_LOCAL}
-
-
 def split_name(name: str) -> tuple[str, str | None]:
     """``wikitext2:validation`` -> ("wikitext2", "validation"); a file path (even one with a colon)
     or a bare name -> (name, None)."""
@@ -89,13 +86,19 @@ def split_name(name: str) -> tuple[str, str | None]:
     return name, None
 
 
+def check_split(base: str, split: str) -> None:
+    """QBenchError unless ``split`` is one of dataset ``base``'s (wikitext2, c4)."""
+    if split not in SPLITS[base]:
+        raise QBenchError(f"{base} has the split(s) {', '.join(SPLITS[base])}, not {split!r}; "
+                          f"e.g. --dataset {base}:{next(iter(SPLITS[base]))}")
+
+
 def check_dataset_name(name: str) -> None:
     """Raise QBenchError for a dataset that cannot exist (unknown name or split, missing file) without
     loading anything; whether wikitext2/c4 are present is only known by loading them."""
     base, split = split_name(name)
-    if split is not None and split not in SPLITS[base]:
-        raise QBenchError(f"{base} has the split(s) {', '.join(SPLITS[base])}, not {split!r}; "
-                          f"e.g. --dataset {base}:{next(iter(SPLITS[base]))}")
+    if split is not None:
+        check_split(base, split)
     if base in SPLITS or Path(name).is_file():
         return
     if Path(name).suffix in (".txt", ".jsonl", ".json", ".raw") or "/" in name:
@@ -112,7 +115,6 @@ def load_text(name: str, split: str | None = None, data_dir: str | None = None) 
     if named_split is not None:
         if split is not None and split != named_split:
             raise QBenchError(f"dataset {name!r} names the split {named_split!r}, but {split!r} was asked for")
-        check_dataset_name(name)
         split = named_split
     source = _load_text(base, split, data_dir)
     if base in DEFAULT_SPLIT and source.split != DEFAULT_SPLIT[base]:
@@ -127,8 +129,7 @@ def _load_text(name: str, split: str | None, data_dir: str | None) -> TextSource
     looked: list[str] = []
     if name == "wikitext2":
         split = split or DEFAULT_SPLIT["wikitext2"]
-        if split not in WIKITEXT2_LOCAL:
-            raise QBenchError(f"wikitext2 has splits {', '.join(WIKITEXT2_LOCAL)}, not {split!r}")
+        check_split(name, split)
         for d in data_dirs(data_dir):
             path = d / WIKITEXT2_LOCAL[split]
             looked.append(str(path))
@@ -149,8 +150,7 @@ def _load_text(name: str, split: str | None, data_dir: str | None) -> TextSource
                 pass
     elif name == "c4":
         split = split or DEFAULT_SPLIT["c4"]
-        if split not in C4_LOCAL:
-            raise QBenchError(f"c4 here has the split {', '.join(C4_LOCAL)}, not {split!r}")
+        check_split(name, split)
         for d in data_dirs(data_dir):
             path = d / C4_LOCAL[split]
             looked.append(str(path))

@@ -63,9 +63,9 @@ def version_lines(frame: pd.DataFrame) -> list[str]:
     rows: dict[str, list[str]] = {}
     for env, method in zip(frame["env"], frame["method"]):
         if isinstance(env, dict):
-            rows.setdefault(_versions(env), [])
-            if method not in rows[_versions(env)]:
-                rows[_versions(env)].append(method)
+            methods = rows.setdefault(_versions(env), [])
+            if method not in methods:
+                methods.append(method)
     if len(rows) == 1:
         return [f"versions: {next(iter(rows))}"]
     return [f"versions ({', '.join(methods)}): {text}" for text, methods in rows.items()]

@@ -260,7 +260,6 @@ def test_killed_runs_leave_no_scratch_behind(tmp_path):
     assert not leftovers, leftovers
 
 
-
 ORPHAN = """
 import subprocess, sys
 child = subprocess.Popen([sys.executable, "-c", "import time; from qbench.cell import exit_with_parent; "
