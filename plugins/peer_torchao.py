@@ -6,7 +6,9 @@ Registered only when torchao is importable. Weights are quantized with torchao's
 * ``torchao-int8``: ``Int8WeightOnlyConfig`` — int8 codes, one scale per output row.
 * ``torchao-int4``: on CUDA ``Int4WeightOnlyConfig`` (tinygemm, bfloat16 only); on CPU torchao's
   int4 weight-only path ``IntxWeightOnlyConfig(weight_dtype=int4, granularity=PerGroup(g))``, which
-  keeps each 4-bit code in an int8 byte (the memory suite counts those bytes as stored).
+  keeps each 4-bit code in an int8 byte (the memory suite counts those bytes as stored) and, by
+  that config's default mapping, is symmetric: one scale a group, no zero point. tinygemm keeps a
+  zero point a group too, so the CPU and CUDA rows are not the same quantizer.
 """
 from __future__ import annotations
 
