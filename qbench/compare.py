@@ -160,11 +160,19 @@ def compare_runs(run_a: Path, run_b: Path, resamples: int = RESAMPLES, seed: int
 
 
 def method_labels(texts: str) -> list[str]:
-    """The labels of ``--methods`` (the run's own spelling: ``affine:bits=4,group_size=128,gptq``)."""
+    """The labels of ``--methods`` (the run's own spelling: ``affine:bits=4,group_size=128,gptq``).
+    A method not installed here (a peer recorded from its own venv) is taken as written: its
+    records are found by their recorded label."""
     from qbench import host
     from qbench.params import parse_specs
 
-    return [host.make_method(spec.name, spec.params).label for spec in parse_specs(texts)]
+    def as_written(spec) -> str:
+        params = ",".join(f"{k}={v}" for k, v in spec.params.items())
+        return f"{spec.name}:{params}" if params else spec.name
+
+    installed = host.methods()
+    return [host.make_method(spec.name, spec.params).label if spec.name in installed else as_written(spec)
+            for spec in parse_specs(texts)]
 
 
 def _method_values(label: str) -> tuple[str, dict[str, Any]] | None:

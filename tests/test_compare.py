@@ -125,3 +125,20 @@ def test_runs_made_before_and_after_a_default_changed_do_not_pair_the_same_label
     assert result["matched"] == 0
     assert [r["method"] for r in result["only_in_a"]] == [f"gptq:sym={str(not defaults['sym']).lower()}"]
     assert [r["method"] for r in result["only_in_b"]] == ["gptq"]
+
+
+def test_a_method_not_installed_here_is_compared_by_its_recorded_label(tmp_path):
+    """Peers recorded from their own venv (llm-compressor's `llmc-*`) have no plugin in this one."""
+    ours = record("smoothquant", "perplexity", {"ppl": 20.0})
+    peer = record("llmc-smoothquant", "perplexity", {"ppl": 22.0})
+    peer_params = record("llmc-gptq:group_size=64", "perplexity", {"ppl": 25.0})
+    run = write_run(tmp_path / "run", [ours, peer, peer_params])
+    result = qbench_cli("compare", str(run), "--methods", "smoothquant,llmc-smoothquant")
+    assert result.returncode == 0, result.stderr
+    assert "| llmc-smoothquant vs smoothquant | perplexity | ppl | 20 | 22 | 2 |" in result.stdout
+    result = qbench_cli("compare", str(run), "--methods", "smoothquant,llmc-gptq:group_size=64")
+    assert result.returncode == 0, result.stderr
+    assert "| llmc-gptq:group_size=64 vs smoothquant | perplexity | ppl | 20 | 25 | 5 |" in result.stdout
+    result = qbench_cli("compare", str(run), "--methods", "smoothquant,llmc-awq")
+    assert result.returncode == 2 and "'llmc-awq' has no cells" in result.stderr
+    assert "llmc-smoothquant" in result.stderr  # the run's own methods are listed
